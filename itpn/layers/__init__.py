@@ -1,0 +1,14 @@
+"""Building blocks shared by the backbone, pyramid, decoder and heads; each defined once."""
+
+from .attention import Attention, attention_impl, relative_position_index, resize_rel_pos_table
+from .block import Block
+from .drop_path import DropPath
+from .mlp import Mlp
+from .norm import AUX_LN_EPS, LN_EPS
+from .patch import PatchEmbed, PatchMerge, PatchSplit, tokens_to_map
+
+__all__ = [
+    "Attention", "attention_impl", "relative_position_index", "resize_rel_pos_table", "Block",
+    "DropPath", "Mlp", "AUX_LN_EPS", "LN_EPS", "PatchEmbed", "PatchMerge", "PatchSplit",
+    "tokens_to_map",
+]

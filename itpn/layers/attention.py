@@ -1,0 +1,131 @@
+"""Multi-head self-attention with an optional Swin-style relative position bias
+(iTPN paper, section 3.2: stage-3 blocks of HiViT; reference doc, sections 1 and 5).
+
+The bias enters ``torch.nn.functional.scaled_dot_product_attention`` as an additive mask,
+so no (B, H, N, N) fp32 score matrix is ever materialised by our code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# "sdpa" (default) or "naive": an explicit fp32 softmax over a materialised score matrix,
+# kept only as the baseline the speed benchmark and the equivalence tests compare against.
+_ATTENTION_IMPL = "sdpa"
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str):
+    """Temporarily switch every Attention module to ``impl`` ("sdpa" or "naive")."""
+    global _ATTENTION_IMPL
+    if impl not in ("sdpa", "naive"):
+        raise ValueError(f"attention impl must be 'sdpa' or 'naive', got {impl!r}")
+    previous, _ATTENTION_IMPL = _ATTENTION_IMPL, impl
+    try:
+        yield
+    finally:
+        _ATTENTION_IMPL = previous
+
+
+def relative_position_index(grid: int, device=None) -> torch.Tensor:
+    """Swin's (N, N) index into a ((2g-1)^2, heads) table for a g x g token grid, N = g*g."""
+    coords = torch.stack(torch.meshgrid(torch.arange(grid, device=device),
+                                        torch.arange(grid, device=device), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N): row, col of each token in raster order
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    rel = rel + (grid - 1)  # shift both offsets to [0, 2g-2]
+    return rel[..., 0] * (2 * grid - 1) + rel[..., 1]  # (N, N)
+
+
+def resize_rel_pos_table(table: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Bicubically resample a ((2g-1)^2, H) bias table to ((2g'-1)^2, H) for a new grid."""
+    old_side = int(round(table.shape[0] ** 0.5))
+    new_side = 2 * new_grid - 1
+    if old_side * old_side != table.shape[0]:
+        raise ValueError(f"relative-bias table with {table.shape[0]} rows is not square")
+    if old_side == new_side:
+        return table
+    heads = table.shape[1]
+    t = table.T.reshape(1, heads, old_side, old_side)  # (1, H, 2g-1, 2g-1)
+    t = F.interpolate(t.float(), size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return t.reshape(heads, new_side * new_side).T.to(table.dtype)  # ((2g'-1)^2, H)
+
+
+def _stride_aligned(bias: torch.Tensor) -> torch.Tensor:
+    """Same values, last-dim stride padded to a multiple of 8.
+
+    SDPA's memory-efficient CUDA kernel refuses an additive mask whose row stride is not
+    8-aligned (N = 196 is not) and silently falls back to the math path, 2.6x slower
+    (docs/performance-notes). Padding then slicing keeps the logical shape.
+    """
+    n = bias.shape[-1]
+    pad = (-n) % 8
+    if pad == 0:
+        return bias
+    return F.pad(bias, (0, pad))[..., :n]
+
+
+class Attention(nn.Module):
+    """qkv (one Linear, one bias) -> SDPA (scale head_dim^-0.5) -> proj.
+
+    ``rel_pos_grid``: the token grid the bias table is sized for (None = no relative bias).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
+                 rel_pos_grid: int | None = None, attn_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.rel_pos_grid = rel_pos_grid
+        if rel_pos_grid is not None:
+            side = 2 * rel_pos_grid - 1
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(side * side, num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.relative_position_bias_table = None
+
+    def rel_pos_bias(self, index: torch.Tensor, grid: int) -> torch.Tensor:
+        """Bias for an index of shape (n, n) -> (1, H, n, n), or (B, n, n) -> (B, H, n, n)."""
+        table = self.relative_position_bias_table
+        if grid != self.rel_pos_grid:
+            table = resize_rel_pos_table(table, grid)
+        bias = table[index]  # (..., n, n, H)
+        bias = bias.movedim(-1, -3)  # (..., H, n, n)
+        return bias if bias.ndim == 4 else bias.unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
+                rel_grid: int | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        # (B, N, 3C) -> (B, N, 3, H, d) -> (3, B, H, N, d)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = None
+        if self.relative_position_bias_table is not None and rel_index is not None:
+            bias = self.rel_pos_bias(rel_index, rel_grid or self.rel_pos_grid).to(q.dtype)
+        drop = self.attn_drop if self.training else 0.0
+        if _ATTENTION_IMPL == "naive":
+            out = _naive_attention(q, k, v, bias, drop)
+        else:
+            if bias is not None:
+                bias = _stride_aligned(bias)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) -> (B, N, C)
+        return self.proj(out)
+
+
+def _naive_attention(q, k, v, bias, drop):
+    """The reference implementation's attention: fp32 scores and softmax, materialised."""
+    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)  # (B, H, N, N)
+    if bias is not None:
+        scores = scores + bias.float()
+    attn = F.dropout(scores.softmax(dim=-1), p=drop)
+    return (attn @ v.float()).to(v.dtype)

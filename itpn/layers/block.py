@@ -1,0 +1,46 @@
+"""The one residual block of iTPN: pre-norm attention (optional) + pre-norm MLP, with
+optional layer scale and stochastic depth.
+
+``num_heads=0`` gives the attention-free per-token MLP block used by HiViT stages 1-2
+(the paper's "C-MLP", section 3.2), the pyramid and its lateral paths; ``num_heads>0``
+gives the stage-3 transformer block, the auxiliary CLIP blocks and the pixel decoder blocks.
+Works on any token layout whose last dim is channels: (B, N, C) or (B, N, h, w, C).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .drop_path import DropPath
+from .mlp import Mlp
+from .norm import LN_EPS
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, layer_scale: float | None = None,
+                 rel_pos_grid: int | None = None, norm_eps: float = LN_EPS):
+        super().__init__()
+        self.has_attn = num_heads > 0
+        if self.has_attn:
+            self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+            self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        # Layer scale (CaiT): a learned per-channel gain on each residual branch.
+        if layer_scale:
+            if self.has_attn:
+                self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        self.layer_scale = bool(layer_scale)
+
+    def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
+                rel_grid: int | None = None) -> torch.Tensor:
+        if self.has_attn:
+            y = self.attn(self.norm1(x), rel_index, rel_grid)
+            x = x + self.drop_path(self.gamma_1 * y if self.layer_scale else y)
+        y = self.mlp(self.norm2(x))
+        return x + self.drop_path(self.gamma_2 * y if self.layer_scale else y)

@@ -1,0 +1,32 @@
+"""Parameter and multiply-add counts, as the paper's Table 1 reports them.
+
+MACs are counted with torch's FlopCounterMode (MACs = FLOPs / 2) on the meta device, so
+even the large variants cost no memory or time. Attention runs through the naive path while
+counting: CPU SDPA kernels are not known to the counter, and the naive path's two matmuls
+are exactly the FLOPs any attention kernel performs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..layers import attention_impl
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(build: Callable[[], nn.Module], img_size: int = 224, batch: int = 1,
+               forward: Callable[[nn.Module, torch.Tensor], object] | None = None) -> int:
+    """Multiply-adds of one forward pass of ``build()`` on a (batch, 3, S, S) input."""
+    with torch.device("meta"):
+        model = build().eval()
+    x = torch.empty(batch, 3, img_size, img_size, device="meta")
+    with torch.no_grad(), attention_impl("naive"), FlopCounterMode(display=False) as counter:
+        forward(model, x) if forward else model(x)
+    return counter.get_total_flops() // 2
