@@ -129,6 +129,7 @@ def official_to_ours(sd: Mapping[str, torch.Tensor], kind: str, target: str | No
                      strict: bool = True) -> dict[str, torch.Tensor]:
     """Rename a released state dict to our layout. Keys the mapping does not know are an
     error (``strict``) or dropped with a warning; derived buffers are dropped."""
+    sd = unwrap_state_dict(sd)
     pairs = key_pairs(kind, official_depths(sd), target)
     out, unknown = {}, []
     for key, value in sd.items():

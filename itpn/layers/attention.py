@@ -31,28 +31,35 @@ def attention_impl(impl: str):
         _ATTENTION_IMPL = previous
 
 
-def relative_position_index(grid: int, device=None) -> torch.Tensor:
-    """Swin's (N, N) index into a ((2g-1)^2, heads) table for a g x g token grid, N = g*g."""
-    coords = torch.stack(torch.meshgrid(torch.arange(grid, device=device),
-                                        torch.arange(grid, device=device), indexing="ij"))
+def _pair(grid) -> tuple[int, int]:
+    return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def relative_position_index(grid, device=None) -> torch.Tensor:
+    """Swin's (N, N) index into a ((2h-1)(2w-1), heads) table for an h x w token grid
+    (an int means square), N = h*w."""
+    h, w = _pair(grid)
+    coords = torch.stack(torch.meshgrid(torch.arange(h, device=device),
+                                        torch.arange(w, device=device), indexing="ij"))
     coords = coords.flatten(1)  # (2, N): row, col of each token in raster order
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-    rel = rel + (grid - 1)  # shift both offsets to [0, 2g-2]
-    return rel[..., 0] * (2 * grid - 1) + rel[..., 1]  # (N, N)
+    # Shift the offsets to [0, 2h-2] and [0, 2w-2], then flatten row-major.
+    return (rel[..., 0] + h - 1) * (2 * w - 1) + rel[..., 1] + w - 1  # (N, N)
 
 
-def resize_rel_pos_table(table: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubically resample a ((2g-1)^2, H) bias table to ((2g'-1)^2, H) for a new grid."""
+def resize_rel_pos_table(table: torch.Tensor, new_grid) -> torch.Tensor:
+    """Bicubically resample a square ((2g-1)^2, H) bias table to ((2h-1)(2w-1), H) for a new grid."""
     old_side = int(round(table.shape[0] ** 0.5))
-    new_side = 2 * new_grid - 1
     if old_side * old_side != table.shape[0]:
         raise ValueError(f"relative-bias table with {table.shape[0]} rows is not square")
-    if old_side == new_side:
+    h, w = _pair(new_grid)
+    new_size = (2 * h - 1, 2 * w - 1)
+    if new_size == (old_side, old_side):
         return table
     heads = table.shape[1]
     t = table.T.reshape(1, heads, old_side, old_side)  # (1, H, 2g-1, 2g-1)
-    t = F.interpolate(t.float(), size=(new_side, new_side), mode="bicubic", align_corners=False)
-    return t.reshape(heads, new_side * new_side).T.to(table.dtype)  # ((2g'-1)^2, H)
+    t = F.interpolate(t.float(), size=new_size, mode="bicubic", align_corners=False)
+    return t.reshape(heads, new_size[0] * new_size[1]).T.to(table.dtype)  # ((2h-1)(2w-1), H)
 
 
 def _stride_aligned(bias: torch.Tensor) -> torch.Tensor:
@@ -93,24 +100,25 @@ class Attention(nn.Module):
         else:
             self.relative_position_bias_table = None
 
-    def rel_pos_bias(self, index: torch.Tensor, grid: int) -> torch.Tensor:
-        """Bias for an index of shape (n, n) -> (1, H, n, n), or (B, n, n) -> (B, H, n, n)."""
+    def rel_pos_bias(self, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Bias for an index of shape (n, n) -> (1, H, n, n), or (B, n, n) -> (B, H, n, n);
+        ``grid`` is the (h, w) token grid the index was built for."""
         table = self.relative_position_bias_table
-        if grid != self.rel_pos_grid:
+        if tuple(grid) != (self.rel_pos_grid, self.rel_pos_grid):
             table = resize_rel_pos_table(table, grid)
         bias = table[index]  # (..., n, n, H)
         bias = bias.movedim(-1, -3)  # (..., H, n, n)
         return bias if bias.ndim == 4 else bias.unsqueeze(0)
 
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
-                rel_grid: int | None = None) -> torch.Tensor:
+                rel_grid: tuple[int, int] | None = None) -> torch.Tensor:
         B, N, C = x.shape
         # (B, N, 3C) -> (B, N, 3, H, d) -> (3, B, H, N, d)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = None
         if self.relative_position_bias_table is not None and rel_index is not None:
-            bias = self.rel_pos_bias(rel_index, rel_grid or self.rel_pos_grid).to(q.dtype)
+            bias = self.rel_pos_bias(rel_index, rel_grid or (self.rel_pos_grid,) * 2).to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
         if _ATTENTION_IMPL == "naive":
             out = _naive_attention(q, k, v, bias, drop)

@@ -38,7 +38,7 @@ class Block(nn.Module):
         self.layer_scale = bool(layer_scale)
 
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
-                rel_grid: int | None = None) -> torch.Tensor:
+                rel_grid: tuple[int, int] | None = None) -> torch.Tensor:
         if self.has_attn:
             y = self.attn(self.norm1(x), rel_index, rel_grid)
             x = x + self.drop_path(self.gamma_1 * y if self.layer_scale else y)

@@ -150,11 +150,9 @@ class HiViT(nn.Module):
         """Relative-bias index for a grid: (N, N), or (B, n, n) for kept tokens; None if no rpe."""
         if self.rel_pos_index is None:
             return None
-        if grid[0] != grid[1]:
-            raise ValueError(f"relative position bias needs a square token grid, got {grid[0]}x{grid[1]}")
         index = self.rel_pos_index
-        if grid[0] != self.grid_size:
-            index = relative_position_index(grid[0], device=index.device)
+        if tuple(grid) != (self.grid_size, self.grid_size):
+            index = relative_position_index(grid, device=index.device)
         if ids_keep is not None:
             # (N, N) -> rows then columns of the kept tokens: (B, n, n)
             index = index[ids_keep[:, :, None], ids_keep[:, None, :]]
@@ -165,7 +163,7 @@ class HiViT(nn.Module):
         """Stage-3 blocks [start:end] on (B, n, C) tokens; ids_keep says which patches they are."""
         rel_index = self.rel_index_for(grid, ids_keep)
         for blk in self.blocks[start:end]:
-            x = self._run(blk, x, rel_index, grid[0])
+            x = self._run(blk, x, rel_index, tuple(grid))
         return x
 
     def add_pos_embed(self, x: torch.Tensor, grid, ids_keep=None) -> torch.Tensor:

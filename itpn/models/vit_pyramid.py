@@ -75,9 +75,9 @@ class ViTPyramid(nn.Module):
         taps = []
         for i, blk in enumerate(self.blocks, start=1):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, self.rel_pos_index, g, use_reentrant=False)
+                x = checkpoint(blk, x, self.rel_pos_index, (g, g), use_reentrant=False)
             else:
-                x = blk(x, self.rel_pos_index, g)
+                x = blk(x, self.rel_pos_index, (g, g))
             if i in self.cfg.taps:
                 taps.append(x[:, :, None, None, :])  # (B, N, 1, 1, C): broadcast = nearest up-sampling
         return self.pyramid(x, taps), (g, g)

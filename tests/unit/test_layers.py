@@ -1,0 +1,130 @@
+"""Shapes and exact token placement of every layer; SDPA path == naive path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itpn.layers import (Attention, Block, PatchEmbed, PatchMerge, PatchSplit, attention_impl,
+                         relative_position_index, resize_rel_pos_table, tokens_to_map)
+from itpn.layers.attention import _stride_aligned
+
+
+def test_patch_embed_layout():
+    pe = PatchEmbed(16, 4, 3, 8)
+    x = torch.randn(2, 3, 32, 48)
+    t = pe(x)
+    assert t.shape == (2, 6, 4, 4, 8)  # 2x3 patches, 4x4 inner grid
+    # Patch 4 is row 1, col 1; its inner cell (2, 3) covers pixels rows 16+8..16+12, cols 16+12..16+16.
+    conv = pe.proj(x)  # (B, C, 8, 12)
+    expect = pe.norm(conv[:, :, 4 + 2, 4 + 3])
+    torch.testing.assert_close(t[:, 4, 2, 3], expect)
+    with pytest.raises(ValueError, match="not divisible"):
+        pe(torch.randn(1, 3, 40, 32))
+
+
+def test_patch_merge_order():
+    m = PatchMerge(2)
+    with torch.no_grad():
+        m.norm.weight.fill_(1), m.norm.bias.zero_()
+        m.reduction.weight.copy_(torch.eye(4, 8))  # keep the first 4 of the 8 concatenated channels
+    x = torch.zeros(1, 1, 2, 2, 2)
+    x[0, 0, 0, 0, 0] = 1.0  # [0::2, 0::2]
+    x[0, 0, 1, 0, 0] = 2.0  # [1::2, 0::2]
+    m.norm = torch.nn.Identity()
+    y = m(x)
+    assert y.shape == (1, 1, 1, 1, 4)
+    assert y[0, 0, 0, 0].tolist() == [1.0, 0.0, 2.0, 0.0]
+
+
+def test_patch_split_child_placement():
+    s = PatchSplit(3, 5)
+    x = torch.randn(2, 7, 2, 2, 3)
+    y = s(x)
+    assert y.shape == (2, 7, 4, 4, 5)
+    full = s.reduction(s.norm(x)).view(2, 7, 2, 2, 2, 2, 5)  # (.., h, w, a, b, C)
+    for h, w, a, b in [(0, 0, 0, 0), (1, 0, 0, 1), (0, 1, 1, 0), (1, 1, 1, 1)]:
+        torch.testing.assert_close(y[:, :, 2 * h + a, 2 * w + b], full[:, :, h, w, a, b])
+
+
+def test_tokens_to_map():
+    x = torch.arange(2 * 6 * 2 * 2 * 1, dtype=torch.float).view(2, 6, 2, 2, 1)
+    m = tokens_to_map(x, (2, 3))
+    assert m.shape == (2, 1, 4, 6)
+    # Token 5 = patch (1, 2); its child (1, 0) lands at pixel (3, 4).
+    assert m[0, 0, 3, 4] == x[0, 5, 1, 0, 0]
+    with pytest.raises(ValueError):
+        tokens_to_map(x, (2, 2))
+
+
+def test_relative_position_index_matches_definition():
+    g = 3
+    idx = relative_position_index(g)
+    assert idx.shape == (9, 9)
+    for i in range(9):
+        for j in range(9):
+            dy, dx = i // g - j // g, i % g - j % g
+            assert idx[i, j] == (dy + g - 1) * (2 * g - 1) + (dx + g - 1)
+
+
+def test_relative_position_index_rectangular():
+    idx = relative_position_index((2, 3))
+    assert idx.shape == (6, 6) and idx.max() < 3 * 5
+    # token 0 = (0, 0), token 5 = (1, 2): offset (-1, -2) -> ((-1 + 1) * 5 + (-2 + 2)) = 0
+    assert idx[0, 5] == 0 and idx[5, 0] == 3 * 5 - 1
+
+
+def test_resize_rel_pos_table_identity_and_shape():
+    t = torch.randn(49, 3)
+    assert resize_rel_pos_table(t, 4) is t
+    assert resize_rel_pos_table(t, 6).shape == (121, 3)
+    assert resize_rel_pos_table(t, (2, 5)).shape == (27, 3)
+
+
+def test_stride_aligned_bias_same_values():
+    b = torch.randn(1, 2, 14, 14)
+    a = _stride_aligned(b)
+    assert a.shape == b.shape and a.stride(-2) % 8 == 0
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rpe", [False, True])
+def test_sdpa_matches_naive(rpe):
+    attn = Attention(32, 4, rel_pos_grid=3 if rpe else None)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    idx = relative_position_index(3) if rpe else None
+    y = attn(x, idx, (3, 3))
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    with attention_impl("naive"):
+        y2 = attn(x, idx, (3, 3))
+        (g2,) = torch.autograd.grad(y2.square().sum(), x)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_gathered_index():
+    # Per-sample (B, n, n) index of kept tokens gives the same result as the full sequence
+    # restricted to those tokens when attention only runs among them.
+    attn = Attention(16, 2, rel_pos_grid=3)
+    idx = relative_position_index(3)
+    keep = torch.tensor([[0, 4, 8], [1, 2, 7]])
+    x = torch.randn(2, 3, 16)
+    y = attn(x, idx[keep[:, :, None], keep[:, None, :]], (3, 3))
+    for b in range(2):
+        yb = attn(x[b:b + 1], idx[keep[b]][:, keep[b]], (3, 3))
+        torch.testing.assert_close(y[b:b + 1], yb)
+
+
+def test_block_mlp_only_and_layer_scale():
+    blk = Block(8, num_heads=0, mlp_ratio=3, layer_scale=0.1)
+    assert not hasattr(blk, "attn") and not hasattr(blk, "gamma_1")
+    assert blk.gamma_2.shape == (8,) and blk.mlp.fc1.out_features == 24
+    x = torch.randn(2, 5, 4, 4, 8)
+    assert blk(x).shape == x.shape
+    blk = Block(8, num_heads=2, layer_scale=None)
+    assert not hasattr(blk, "gamma_1")
+    assert blk(torch.randn(2, 5, 8)).shape == (2, 5, 8)
+
+
+def test_gelu_is_exact_erf():
+    assert Block(4).mlp.act.approximate == "none"
+    assert torch.allclose(Block(4).mlp.act(torch.tensor([1.0])), F.gelu(torch.tensor([1.0])))
