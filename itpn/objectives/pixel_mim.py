@@ -9,6 +9,15 @@ sin-cos position embedding is added to the top level; the sum goes through trans
 decoder blocks and a linear pixel head. Loss: MSE to per-patch normalised pixels over the
 masked patches.
 
+MFM with an EMA teacher (paper, sections 3.3-3.4; not in the public release), on when
+``mfm_weight > 0`` (the paper uses 0.3): an EMA copy of the patch embedding + backbone sees
+the same visible patches; the last output of each of its stages is the target of the
+pyramid level of the same resolution (P4 <- stage 1, P8 <- stage 2, P16 <- stage 3), through
+a per-token linear head (fpn_dim -> stage width). Each term is the MSE between the head's
+output and the layer-normalised (parameter-free) target, averaged over visible tokens and
+their sub-patches; total = MIM + mfm_weight * sum of the three terms. The engine updates the
+teacher after each optimizer step (see ema.py).
+
 ``pos_embed_quirk=True`` reproduces the released code, which bicubically resizes the
 absolute position embedding with scale (g + 0.1) / g whenever tokens are dropped (always,
 during pre-training); the values shift slightly. Off by default: a clean gather of the kept
@@ -27,6 +36,7 @@ from torch import nn
 from ..layers import LN_EPS, Block
 from ..models.hivit import HiViT, HiViTConfig, init_weights
 from ..models.pyramid import FeaturePyramid, LevelProjection
+from .ema import EMATeacher
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -90,7 +100,7 @@ class PixelDecoder(nn.Module):
 class PixelMIM(nn.Module):
     def __init__(self, cfg: HiViTConfig, fpn_dim: int = 256, fpn_depth: int = 2, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
-                 pos_embed_quirk: bool = False):
+                 pos_embed_quirk: bool = False, mfm_weight: float = 0.0):
         super().__init__()
         self.cfg = cfg
         self.norm_pix_loss = norm_pix_loss
@@ -101,12 +111,22 @@ class PixelMIM(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder = PixelDecoder(cfg.grid, decoder_dim, decoder_depth, decoder_heads,
                                     out_dim=cfg.patch_size ** 2 * cfg.in_chans)
-        for module in (self.pyramid, self.level_proj, self.decoder):
+        self.mfm_weight = mfm_weight
+        if mfm_weight > 0:
+            # Heads for P16, P8, P4 -> stage-3, stage-2, stage-1 widths.
+            self.mfm_heads = nn.ModuleList(nn.Linear(fpn_dim, d) for d in reversed(cfg.dims))
+        for module in (self.pyramid, self.level_proj, self.decoder, getattr(self, "mfm_heads", nn.Identity())):
             module.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+        # Kept out of the module tree (see ema.py): never optimised, partitioned or saved with
+        # the student; the engine saves it as client state.
+        self.__dict__["ema"] = EMATeacher(self.encoder) if mfm_weight > 0 else None
 
-    def _encoder_pos_embed(self, grid, ids_keep):
-        enc = self.encoder
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Modules outside the trained tree that the engine must place on the device."""
+        return {"ema": self.ema.module} if self.ema is not None else {}
+
+    def _encoder_pos_embed(self, enc: HiViT, grid, ids_keep):
         if not self.pos_embed_quirk:
             return enc.pos_embed_for(grid, ids_keep)
         g = int(math.sqrt(enc.pos_embed.shape[1]))
@@ -117,17 +137,20 @@ class PixelMIM(nn.Module):
         return pos.expand(ids_keep.shape[0], -1, -1).gather(
             1, ids_keep[:, :, None].expand(-1, -1, pos.shape[-1]))
 
-    def forward_encoder(self, x: torch.Tensor, ids_keep: torch.Tensor):
-        """Visible patches only. ids_keep (B, n) -> pyramid [P16, P8, P4] (B, n, h, w, F) and
-        the stage outputs [f1, f2, s3] of the visible tokens (the EMA-MFM targets' shapes)."""
-        enc = self.encoder
+    def encode_visible(self, enc: HiViT, x: torch.Tensor, ids_keep: torch.Tensor) -> list[torch.Tensor]:
+        """Run ``enc`` (the student or its EMA) on the visible patches ids_keep (B, n).
+        Returns the stage outputs [f1 (B, n, 4, 4, C1), f2 (B, n, 2, 2, C2), s3 (B, n, C3)]."""
         t, grid = enc.embed(x)  # (B, N, 4, 4, C1)
         t = t.gather(1, ids_keep[:, :, None, None, None].expand(-1, -1, *t.shape[2:]))  # (B, n, 4, 4, C1)
         s3, feats = enc.forward_stem(t)
         if enc.pos_embed is not None:
-            s3 = s3 + self._encoder_pos_embed(grid, ids_keep)
-        s3 = enc.forward_blocks(s3, grid, ids_keep)
-        return self.pyramid(s3, feats), feats + [s3]
+            s3 = s3 + self._encoder_pos_embed(enc, grid, ids_keep)
+        return feats + [enc.forward_blocks(s3, grid, ids_keep)]
+
+    def forward_encoder(self, x: torch.Tensor, ids_keep: torch.Tensor):
+        """Visible patches only -> pyramid [P16, P8, P4] (B, n, h, w, F) and the stage outputs."""
+        f1, f2, s3 = self.encode_visible(self.encoder, x, ids_keep)
+        return self.pyramid(s3, [f1, f2]), [f1, f2, s3]
 
     def forward_decoder(self, pyramid: list[torch.Tensor], ids_keep: torch.Tensor, num_patches: int):
         B, n = ids_keep.shape
@@ -155,4 +178,14 @@ class PixelMIM(nn.Module):
         pyramid, _ = self.forward_encoder(x, ids_keep)
         pred = self.forward_decoder(pyramid, ids_keep, N)
         loss = normalized_pixel_loss(pred, x, mask, self.cfg.patch_size, self.norm_pix_loss)
-        return {"pred": pred, "loss": loss, "loss_pix": loss, "mask": mask}
+        out = {"pred": pred, "loss_pix": loss, "mask": mask}
+        if self.ema is not None:
+            with torch.no_grad():
+                targets = self.encode_visible(self.ema.module, x, ids_keep)[::-1]  # s3, f2, f1
+            for name, head, level, target in zip(("p16", "p8", "p4"), self.mfm_heads, pyramid, targets):
+                pred_feat = head(level)  # (B, n, h, w, C_s)
+                target = F.layer_norm(target.float(), target.shape[-1:]).view(pred_feat.shape)
+                out[f"loss_mfm_{name}"] = F.mse_loss(pred_feat.float(), target)
+            loss = loss + self.mfm_weight * sum(out[f"loss_mfm_{n}"] for n in ("p16", "p8", "p4"))
+        out["loss"] = loss
+        return out
