@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,21 +39,20 @@ from .ema import EMATeacher
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos embedding (1, grid*grid, dim): half the channels encode the row,
-    half the column, each as [sin | cos] over dim/4 frequencies (MAE's convention)."""
+    """Fixed 2-D sin-cos embedding (1, grid*grid, dim): half the channels encode the column,
+    half the row, each as [sin | cos] over dim/4 frequencies (MAE's convention)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))  # (dim/4,)
-    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
-                             indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
 
     def encode(pos):
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (N, dim/4)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (N, dim/2)
+        out = pos.reshape(-1, 1) * omega  # (N, dim/4)
+        return torch.cat([out.sin(), out.cos()], dim=1)  # (N, dim/2)
 
-    # MAE encodes the width coordinate first; kept so checkpoints' stored tables agree.
-    emb = np.concatenate([encode(cols), encode(rows)], axis=1)  # (N, dim)
-    return torch.from_numpy(emb).float().unsqueeze(0)
+    # MAE encodes the width coordinate first; kept so stored tables agree.
+    return torch.cat([encode(cols), encode(rows)], dim=1).float().unsqueeze(0)  # (1, N, dim)
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -100,9 +98,12 @@ class PixelDecoder(nn.Module):
 class PixelMIM(nn.Module):
     def __init__(self, cfg: HiViTConfig, fpn_dim: int = 256, fpn_depth: int = 2, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
-                 pos_embed_quirk: bool = False, mfm_weight: float = 0.0):
+                 pos_embed_quirk: bool = False, mfm_weight: float = 0.0, mask_ratio: float = 0.75):
         super().__init__()
         self.cfg = cfg
+        # Fixes the number of visible tokens (MAE's int(N * (1 - ratio))) without reading the
+        # mask on the host, which would stall the GPU every step.
+        self.num_keep = int(cfg.grid ** 2 * (1 - mask_ratio))
         self.norm_pix_loss = norm_pix_loss
         self.pos_embed_quirk = pos_embed_quirk
         self.encoder = HiViT(cfg)
@@ -163,18 +164,21 @@ class PixelMIM(nn.Module):
         return self.decoder(x)  # (B, N, p*p*3)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (B, 3, H, W); mask (B, N), 1/True = removed, the same count in every sample.
+        """x (B, 3, H, W); mask (B, N), 1/True = removed, ``N - num_keep`` in every sample
+        (checked when the mask is on the CPU; on a GPU the check would be a host sync per step).
 
         Returns "pred" (B, N, p*p*3) in raster patch order, "loss" (normalised-pixel MSE
         over masked patches) and "mask"."""
         mask = mask.bool()
         B, N = mask.shape
-        counts = (~mask).sum(1)
-        if (counts != counts[0]).any():
-            raise ValueError(f"every sample must keep the same number of patches, got {counts.tolist()}")
+        if mask.device.type == "cpu":
+            counts = (~mask).sum(1)
+            if (counts != self.num_keep).any():
+                raise ValueError(f"every sample must keep {self.num_keep} of {N} patches "
+                                 f"(mask ratio {1 - self.num_keep / N:.3f}), got {counts.tolist()}")
         # Visible patches in raster order: (B, n). Stages 1-2 are per-token and stage 3 has no
         # order-dependent term besides the position embedding, so the order is immaterial.
-        ids_keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
+        ids_keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : self.num_keep]
         pyramid, _ = self.forward_encoder(x, ids_keep)
         pred = self.forward_decoder(pyramid, ids_keep, N)
         loss = normalized_pixel_loss(pred, x, mask, self.cfg.patch_size, self.norm_pix_loss)

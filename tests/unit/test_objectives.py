@@ -67,7 +67,7 @@ def test_pixel_mim_rejects_uneven_masks():
     m = pixel_model()
     mask = random_mask(2, 16, 12)
     mask[0, (~mask[0]).nonzero()[0]] = True
-    with pytest.raises(ValueError, match="same number"):
+    with pytest.raises(ValueError, match="must keep 4 of 16"):
         m(torch.randn(2, 3, 64, 64), mask)
 
 

@@ -1,0 +1,352 @@
+"""``itpn-bench``: throughput, MFU and memory of the pre-training step (issue #6).
+
+Times the full training step (teacher forward, student forward + backward, optimizer) on
+synthetic batches already on the device, for a recipe and batch size, under a ladder of
+settings so that every speed-up is a ratio measured in the same run:
+
+    naive    eager attention with an explicit fp32 softmax, fp16 autocast + GradScaler,
+             unfused AdamW, no compilation (our code at the reference's settings)
+    sdpa     + attention through SDPA (relative bias as an 8-aligned additive mask)
+    bf16     + bf16 autocast, no grad scaler, teacher weights in bf16
+    fused    + fused AdamW
+    compile  + torch.compile of every block (regional compilation)
+
+It reports img/s, achieved TFLOP/s, MFU against a bf16 matmul peak measured in the same
+run, peak memory, and the split between teacher, student forward/backward and optimizer.
+``--infer`` times classifier inference at 224 px (the paper's throughput table) for iTPN
+and a plain timm ViT of the same size.
+
+FLOPs per image: the student's forward + backward is counted with torch's FlopCounterMode on
+the meta device (naive attention, so attention's matmuls are counted); the teacher's forward
+is counted the same way when it can be built on the meta device, else analytically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..layers import attention_impl
+from ..models import ITPN, HiViTConfig
+from ..models.registry import VARIANTS
+from ..objectives.clip_mfm import ClipMFM
+from ..objectives.pixel_mim import PixelMIM
+
+
+@dataclass(frozen=True)
+class Recipe:
+    kind: str  # "clip" or "pixel"
+    variant: str
+    teacher: str | None = None
+    teacher_size: int | None = None
+    teacher_dim: int = 512
+    drop_path: float = 0.1
+
+
+RECIPES = {
+    "clip_l": Recipe("clip", "large_patch16_224", "ViT-L-14", 196, 768, 0.2),
+    "clip_l256": Recipe("clip", "large_patch16_256", "ViT-L-14", 224, 768, 0.2),
+    "clip_b": Recipe("clip", "base_patch16_224", "ViT-B-16", 224, 512, 0.1),
+    "pixel_l": Recipe("pixel", "large_patch16_224"),
+    "pixel_b": Recipe("pixel", "base_patch16_224"),
+    # CPU-sized, for the tests of this script.
+    "tiny": Recipe("clip", "tiny", "tiny", 64, 32, 0.1),
+}
+TINY = HiViTConfig(img_size=64, embed_dim=64, depths=(1, 1, 2), num_heads=2)
+
+LADDER = {
+    "naive": dict(attn="naive", dtype="fp16", fused=False, compile=False),
+    "sdpa": dict(attn="sdpa", dtype="fp16", fused=False, compile=False),
+    "bf16": dict(attn="sdpa", dtype="bf16", fused=False, compile=False),
+    "fused": dict(attn="sdpa", dtype="bf16", fused=True, compile=False),
+    "compile": dict(attn="sdpa", dtype="bf16", fused=True, compile=True),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def student_config(recipe: Recipe) -> HiViTConfig:
+    base = TINY if recipe.variant == "tiny" else VARIANTS[recipe.variant]
+    return base.replace(drop_path_rate=recipe.drop_path, rpe=recipe.kind == "clip",
+                        layer_scale=0.1 if recipe.kind == "clip" else None)
+
+
+def build_objective(recipe: Recipe, teacher=None):
+    cfg = student_config(recipe)
+    if recipe.kind == "clip":
+        return ClipMFM(cfg, teacher_dim=recipe.teacher_dim, fpn_dim=256 if recipe.variant != "tiny" else 32,
+                       fpn_depth=1, teacher=teacher)
+    return PixelMIM(cfg, fpn_dim=256, fpn_depth=2)
+
+
+def build_teacher(recipe: Recipe, dtype, device):
+    if recipe.teacher is None:
+        return None
+    from ..objectives.clip_teacher import CLIPTeacher
+    if recipe.teacher == "tiny":
+        from ..objectives.clip_teacher import register_tiny_config
+        arch = register_tiny_config()
+    else:
+        arch = recipe.teacher
+    return CLIPTeacher(arch, weights=None, image_size=recipe.teacher_size, dtype=dtype, device=device)
+
+
+def make_batch(recipe: Recipe, batch: int, device, generator=None):
+    cfg = student_config(recipe)
+    n = cfg.grid ** 2
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    masked = int(round(0.75 * n)) if recipe.kind == "pixel" else int(round(75 / 196 * n))
+    order = torch.rand(batch, n, device=device).argsort(dim=1)
+    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    mask.scatter_(1, order[:, :masked], True)
+    tview = None
+    if recipe.teacher_size:
+        tview = torch.randn(batch, 3, recipe.teacher_size, recipe.teacher_size, device=device)
+    return x, mask, tview
+
+
+def count_student_flops(recipe: Recipe, batch: int = 2) -> float:
+    """Forward + backward FLOPs per image of the student (meta device, naive attention)."""
+    with torch.device("meta"):
+        model = build_objective(recipe)
+        x, mask, _ = make_batch(recipe, batch, "meta")
+        targets = torch.randn(batch, student_config(recipe).grid ** 2, recipe.teacher_dim) \
+            if recipe.kind == "clip" else None
+    model.train()
+    with attention_impl("naive"), FlopCounterMode(display=False) as counter:
+        out = model(x, mask, targets=targets) if recipe.kind == "clip" else model(x, mask)
+        out["loss"].backward()
+    return counter.get_total_flops() / batch
+
+
+def vit_forward_flops(width: int, layers: int, patch: int, image: int, out_dim: int) -> float:
+    """Forward FLOPs of a CLIP ViT tower per image (matmuls and attention; elementwise ops
+    are not counted, as FlopCounterMode does not count them either)."""
+    n = (image // patch) ** 2 + 1
+    per_layer = 24 * n * width * width + 4 * n * n * width
+    return 2 * n * 3 * patch * patch * width + layers * per_layer + 2 * n * width * out_dim
+
+
+def teacher_flops(teacher) -> float:
+    if teacher is None:
+        return 0.0
+    return vit_forward_flops(teacher.width, teacher.layers, teacher.patch_size, teacher.image_size,
+                             teacher.embed_dim)
+
+
+def measure_peak_tflops(device, size: int = 8192, iters: int = 20) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size ** 3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+class Timer:
+    """Device-event timer on CUDA, wall clock (after a sync) elsewhere."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        return False
+
+
+def run_setting(recipe: Recipe, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
+                split: bool = True) -> dict:
+    dtype = DTYPES[setting["dtype"]]
+    teacher = build_teacher(recipe, dtype if setting["dtype"] == "bf16" else torch.float32, device)
+    model = build_objective(recipe).to(device).train()
+    if setting["compile"]:
+        for module in model.modules():
+            if module.__class__.__name__ == "Block":
+                module.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
+                            fused=setting["fused"] and device.type == "cuda",
+                            foreach=False if not setting["fused"] else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=setting["dtype"] == "fp16")
+    x, mask, tview = make_batch(recipe, batch, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=setting["dtype"] != "fp32")
+
+    def teacher_fwd():
+        if teacher is None:
+            return None
+        with torch.no_grad(), autocast:
+            return teacher(tview)
+
+    def student_fwd_bwd(targets):
+        with autocast:
+            out = model(x, mask, targets=targets) if recipe.kind == "clip" else model(x, mask)
+        scaler.scale(out["loss"]).backward()
+
+    def optimizer_step():
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    def step():
+        student_fwd_bwd(teacher_fwd())
+        optimizer_step()
+
+    with attention_impl(setting["attn"]):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            step()
+        with Timer(device) as t:
+            for _ in range(steps):
+                step()
+        result = dict(setting=name, batch=batch, step_ms=t.seconds / steps * 1e3,
+                      img_s=batch * steps / t.seconds)
+        if split:
+            times = {"teacher": 0.0, "student": 0.0, "optimizer": 0.0}
+            for _ in range(max(steps // 2, 1)):
+                with Timer(device) as t1:
+                    targets = teacher_fwd()
+                with Timer(device) as t2:
+                    student_fwd_bwd(targets)
+                with Timer(device) as t3:
+                    optimizer_step()
+                times["teacher"] += t1.seconds
+                times["student"] += t2.seconds
+                times["optimizer"] += t3.seconds
+            total = sum(times.values())
+            result.update({f"{k}_pct": 100 * v / total for k, v in times.items()})
+        if device.type == "cuda":
+            result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    result["teacher_gflop"] = teacher_flops(teacher) / 1e9
+    del model, opt, teacher
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_inference(device, batch: int, steps: int, warmup: int, compile_: bool) -> list[dict]:
+    import timm
+    rows = []
+    for name in ("itpn_base_patch16_224", "vit_base_patch16_224", "itpn_large_patch16_224", "vit_large_patch16_224"):
+        model = timm.create_model(name).to(device).eval()
+        if compile_:
+            model = torch.compile(model)
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            for _ in range(warmup):
+                model(x)
+            with Timer(device) as t:
+                for _ in range(steps):
+                    model(x)
+        rows.append(dict(model=name, batch=batch, compiled=compile_, img_s=batch * steps / t.seconds))
+        del model
+        gc.collect()
+    return rows
+
+
+def environment(device) -> dict:
+    import timm
+    env = dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version())
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="clip_l")
+    parser.add_argument("--batch", type=int, nargs="+", default=[64])
+    parser.add_argument("--ladder", nargs="+", default=list(LADDER), choices=list(LADDER),
+                        help="settings to run, in order (default: all)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--infer", action="store_true", help="classifier inference throughput instead")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the results here (JSON lines)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    peak = measure_peak_tflops(device)
+    env = environment(device)
+    print(f"# {json.dumps(env)}  bf16 matmul peak measured: {peak:.0f} TFLOP/s")
+    rows = []
+    if args.infer:
+        for b in args.batch:
+            for c in (False, True):
+                rows += run_inference(device, b, args.steps, args.warmup, c)
+        print(f"{'model':26s} {'batch':>5s} {'compiled':>8s} {'img/s':>9s}")
+        for r in rows:
+            print(f"{r['model']:26s} {r['batch']:5d} {str(r['compiled']):>8s} {r['img_s']:9.0f}")
+    else:
+        recipe = RECIPES[args.recipe]
+        student_gflop = count_student_flops(recipe) / 1e9
+        for b in args.batch:
+            base = None
+            for name in args.ladder:
+                warm = args.warmup + (3 if LADDER[name]["compile"] else 0)
+                try:
+                    r = run_setting(recipe, name, LADDER[name], b, args.steps, warm, device)
+                except torch.OutOfMemoryError:
+                    r = dict(setting=name, batch=b, oom=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    rows.append(r)
+                    continue
+                gflop = student_gflop + r["teacher_gflop"]
+                r.update(recipe=args.recipe, gflop_per_img=gflop, tflops=r["img_s"] * gflop / 1e3,
+                         mfu_pct=100 * r["img_s"] * gflop / 1e3 / peak if math.isfinite(peak) else float("nan"))
+                base = base or r["img_s"]
+                r["speedup"] = r["img_s"] / base
+                rows.append(r)
+        print(f"recipe {args.recipe}: {student_gflop:.1f} GFLOP/img student fwd+bwd"
+              + (f" + {rows[0].get('teacher_gflop', 0):.1f} teacher fwd" if recipe.teacher else ""))
+        print(f"{'setting':8s} {'batch':>5s} {'img/s':>8s} {'x naive':>7s} {'TFLOP/s':>8s} {'MFU%':>5s} "
+              f"{'peak GiB':>8s} {'teacher%':>8s} {'student%':>8s} {'optim%':>6s}")
+        for r in rows:
+            if r.get("oom"):
+                print(f"{r['setting']:8s} {r['batch']:5d}  out of memory")
+                continue
+            print(f"{r['setting']:8s} {r['batch']:5d} {r['img_s']:8.1f} {r['speedup']:7.2f} {r['tflops']:8.1f} "
+                  f"{r['mfu_pct']:5.1f} {r.get('peak_gib', float('nan')):8.1f} {r.get('teacher_pct', 0):8.1f} "
+                  f"{r.get('student_pct', 0):8.1f} {r.get('optimizer_pct', 0):6.1f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, **env, "peak_tflops": peak}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

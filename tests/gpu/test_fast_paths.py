@@ -1,0 +1,73 @@
+"""GPU checks (skipped without CUDA): the fast paths compute what the naive path computes,
+to bf16 tolerance, and the intended attention kernel really runs."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from itpn.layers import Attention, attention_impl, relative_position_index
+from itpn.models import HiViTConfig
+from itpn.objectives.clip_mfm import ClipMFM
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEV = torch.device("cuda")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_rel_bias_runs_on_memory_efficient_kernel():
+    attn = Attention(768, 12, rel_pos_grid=14).to(DEV)
+    x = torch.randn(8, 196, 768, device=DEV, requires_grad=True)
+    idx = relative_position_index(14, device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # raises if the kernel refuses the bias
+            y = attn(x, idx, (14, 14))
+        y.float().square().mean().backward()
+        with attention_impl("naive"):
+            y2 = attn(x, idx, (14, 14))
+    assert rel(y, y2) < 1e-2
+
+
+def _clip_model():
+    cfg = HiViTConfig(img_size=224, embed_dim=256, depths=(1, 1, 4), num_heads=4, layer_scale=0.1)
+    return ClipMFM(cfg, teacher_dim=128, fpn_dim=128, fpn_depth=1).to(DEV)
+
+
+def _grads(model, x, mask, targets, impl, dtype, compile_blocks=False):
+    model.zero_grad(set_to_none=True)
+    with attention_impl(impl), torch.autocast("cuda", dtype=dtype):
+        out = model(x, mask, targets=targets)
+    out["loss"].backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_fast_path_matches_naive_outputs_and_grads():
+    torch.manual_seed(0)
+    model = _clip_model()
+    x = torch.randn(4, 3, 224, 224, device=DEV)
+    mask = torch.rand(4, 196, device=DEV) < 0.4
+    targets = torch.nn.functional.layer_norm(torch.randn(4, 196, 128, device=DEV), (128,))
+    ref_out, ref_g = _grads(model, x, mask, targets, "naive", torch.float16)
+    out, g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
+    assert rel(out["mfm"], ref_out["mfm"]) < 2e-2
+    assert abs(out["loss"].item() - ref_out["loss"].item()) / ref_out["loss"].item() < 2e-2
+    worst = max(rel(g[n], ref_g[n]) for n in g if ref_g[n].norm() > 0)
+    assert worst < 5e-2, worst
+
+
+def test_compiled_blocks_match_eager():
+    torch.manual_seed(0)
+    model = _clip_model()
+    x = torch.randn(2, 3, 224, 224, device=DEV)
+    mask = torch.rand(2, 196, device=DEV) < 0.4
+    targets = torch.randn(2, 196, 128, device=DEV)
+    eager_out, eager_g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
+    for m in model.modules():
+        if m.__class__.__name__ == "Block":
+            m.compile()
+    out, g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
+    assert rel(out["mfm"], eager_out["mfm"]) < 1e-2
+    worst = max(rel(g[n], eager_g[n]) for n in g if eager_g[n].norm() > 0)
+    assert worst < 3e-2, worst
