@@ -43,18 +43,24 @@ def _grads(model, x, mask, targets, impl, dtype, compile_blocks=False):
     return out, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def _flat(grads):
+    return torch.cat([g.float().flatten() for g in grads.values()])
+
+
 def test_fast_path_matches_naive_outputs_and_grads():
+    """SDPA + bf16 (fast) and naive attention + fp16 (the reference's settings) both land
+    within bf16 tolerance of an fp32 naive reference, outputs and gradients alike."""
     torch.manual_seed(0)
     model = _clip_model()
     x = torch.randn(4, 3, 224, 224, device=DEV)
     mask = torch.rand(4, 196, device=DEV) < 0.4
     targets = torch.nn.functional.layer_norm(torch.randn(4, 196, 128, device=DEV), (128,))
-    ref_out, ref_g = _grads(model, x, mask, targets, "naive", torch.float16)
-    out, g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
-    assert rel(out["mfm"], ref_out["mfm"]) < 2e-2
-    assert abs(out["loss"].item() - ref_out["loss"].item()) / ref_out["loss"].item() < 2e-2
-    worst = max(rel(g[n], ref_g[n]) for n in g if ref_g[n].norm() > 0)
-    assert worst < 5e-2, worst
+    ref_out, ref_g = _grads(model, x, mask, targets, "naive", torch.float32)
+    for impl, dtype in (("sdpa", torch.bfloat16), ("naive", torch.float16)):
+        out, g = _grads(model, x, mask, targets, impl, dtype)
+        assert rel(out["mfm"], ref_out["mfm"]) < 2e-2, (impl, dtype)
+        assert abs(out["loss"].item() - ref_out["loss"].item()) / ref_out["loss"].item() < 1e-2
+        assert rel(_flat(g), _flat(ref_g)) < 3e-2, (impl, dtype, rel(_flat(g), _flat(ref_g)))
 
 
 def test_compiled_blocks_match_eager():
