@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
 from .drop_path import DropPath
@@ -36,9 +37,18 @@ class Block(nn.Module):
                 self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
         self.layer_scale = bool(layer_scale)
+        # Activation checkpointing of this block (non-reentrant, so frozen or ZeRO-3
+        # partitioned parameters inside it are fine); set by the model's
+        # set_grad_checkpointing or by the engine for every k-th block.
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
                 rel_grid: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rel_index, rel_grid, use_reentrant=False)
+        return self._forward(x, rel_index, rel_grid)
+
+    def _forward(self, x, rel_index, rel_grid):
         if self.has_attn:
             y = self.attn(self.norm1(x), rel_index, rel_grid)
             x = x + self.drop_path(self.gamma_1 * y if self.layer_scale else y)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, PatchEmbed, PatchMerge, relative_position_index
 
@@ -127,7 +126,7 @@ class HiViT(nn.Module):
         feats = []
         for stage, merge in ((self.stage1, self.merge1), (self.stage2, self.merge2)):
             for blk in stage:
-                x = self._run(blk, x)
+                x = blk(x)
             feats.append(x)
             x = merge(x)
         return x[:, :, 0, 0, :], feats  # (B, n, 1, 1, C) -> (B, n, C)
@@ -163,16 +162,11 @@ class HiViT(nn.Module):
         """Stage-3 blocks [start:end] on (B, n, C) tokens; ids_keep says which patches they are."""
         rel_index = self.rel_index_for(grid, ids_keep)
         for blk in self.blocks[start:end]:
-            x = self._run(blk, x, rel_index, tuple(grid))
+            x = blk(x, rel_index, tuple(grid))
         return x
 
     def add_pos_embed(self, x: torch.Tensor, grid, ids_keep=None) -> torch.Tensor:
         return x if self.pos_embed is None else x + self.pos_embed_for(grid, ids_keep)
-
-    def _run(self, blk: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, *args, use_reentrant=False)
-        return blk(x, *args)
 
     # -- timm model API ---------------------------------------------------------------------
 
@@ -189,6 +183,9 @@ class HiViT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
+        for blk in self.modules():
+            if isinstance(blk, Block):
+                blk.grad_checkpointing = enable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

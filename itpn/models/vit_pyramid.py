@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, relative_position_index, tokens_to_map
 from .hivit import init_weights, linear_drop_path
@@ -74,10 +73,7 @@ class ViTPyramid(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C)
         taps = []
         for i, blk in enumerate(self.blocks, start=1):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, self.rel_pos_index, (g, g), use_reentrant=False)
-            else:
-                x = blk(x, self.rel_pos_index, (g, g))
+            x = blk(x, self.rel_pos_index, (g, g))
             if i in self.cfg.taps:
                 taps.append(x[:, :, None, None, :])  # (B, N, 1, 1, C): broadcast = nearest up-sampling
         return self.pyramid(x, taps), (g, g)
@@ -100,3 +96,5 @@ class ViTPyramid(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
+        for blk in self.blocks:
+            blk.grad_checkpointing = enable

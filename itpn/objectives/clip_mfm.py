@@ -80,7 +80,7 @@ class ClipMFM(nn.Module):
 
         rel_index = enc.rel_index_for(grid)
         for blk in self.aux_blocks:
-            aux = enc._run(blk, aux, rel_index, tuple(grid))
+            aux = blk(aux, rel_index, tuple(grid))
         pyramid = self.pyramid(s3, feats)
         fused = sum(self.level_proj(pyramid))  # (B, N, C)
         return {
