@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..layers import attention_impl
-from ..models import ITPN, HiViTConfig
+from ..models import HiViTConfig
+from ..models.flops import count_train_flops, vit_forward_flops
 from ..models.registry import VARIANTS
 from ..objectives.clip_mfm import ClipMFM
 from ..objectives.pixel_mim import PixelMIM
@@ -115,24 +115,12 @@ def make_batch(recipe: Recipe, batch: int, device, generator=None):
 
 def count_student_flops(recipe: Recipe, batch: int = 2) -> float:
     """Forward + backward FLOPs per image of the student (meta device, naive attention)."""
-    with torch.device("meta"):
-        model = build_objective(recipe)
+    def inputs():
         x, mask, _ = make_batch(recipe, batch, "meta")
-        targets = torch.randn(batch, student_config(recipe).grid ** 2, recipe.teacher_dim) \
-            if recipe.kind == "clip" else None
-    model.train()
-    with attention_impl("naive"), FlopCounterMode(display=False) as counter:
-        out = model(x, mask, targets=targets) if recipe.kind == "clip" else model(x, mask)
-        out["loss"].backward()
-    return counter.get_total_flops() / batch
-
-
-def vit_forward_flops(width: int, layers: int, patch: int, image: int, out_dim: int) -> float:
-    """Forward FLOPs of a CLIP ViT tower per image (matmuls and attention; elementwise ops
-    are not counted, as FlopCounterMode does not count them either)."""
-    n = (image // patch) ** 2 + 1
-    per_layer = 24 * n * width * width + 4 * n * n * width
-    return 2 * n * 3 * patch * patch * width + layers * per_layer + 2 * n * width * out_dim
+        if recipe.kind == "pixel":
+            return dict(x=x, mask=mask)
+        return dict(x=x, mask=mask, targets=torch.randn(batch, mask.shape[1], recipe.teacher_dim))
+    return count_train_flops(lambda: build_objective(recipe), inputs, batch)
 
 
 def teacher_flops(teacher) -> float:

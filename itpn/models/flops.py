@@ -30,3 +30,23 @@ def count_macs(build: Callable[[], nn.Module], img_size: int = 224, batch: int =
     with torch.no_grad(), attention_impl("naive"), FlopCounterMode(display=False) as counter:
         forward(model, x) if forward else model(x)
     return counter.get_total_flops() // 2
+
+
+def count_train_flops(build: Callable[[], nn.Module], make_inputs: Callable[[], dict], batch: int) -> float:
+    """Forward + backward FLOPs per sample of ``build()(**make_inputs())["loss"]``, counted
+    on the meta device with naive attention (see the module docstring)."""
+    with torch.device("meta"):
+        model = build()
+        inputs = make_inputs()
+    model.train()
+    with attention_impl("naive"), FlopCounterMode(display=False) as counter:
+        model(**inputs)["loss"].backward()
+    return counter.get_total_flops() / batch
+
+
+def vit_forward_flops(width: int, layers: int, patch: int, image: int, out_dim: int, cls_token: bool = True) -> float:
+    """Forward FLOPs of a plain ViT tower per image (matmuls and attention, as
+    FlopCounterMode counts them): patch embedding, ``layers`` blocks, output projection."""
+    n = (image // patch) ** 2 + int(cls_token)
+    per_layer = 24 * n * width * width + 4 * n * n * width
+    return 2 * n * 3 * patch * patch * width + layers * per_layer + 2 * n * width * out_dim

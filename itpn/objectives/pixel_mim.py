@@ -184,7 +184,9 @@ class PixelMIM(nn.Module):
         loss = normalized_pixel_loss(pred, x, mask, self.cfg.patch_size, self.norm_pix_loss)
         out = {"pred": pred, "loss_pix": loss, "mask": mask}
         if self.ema is not None:
-            with torch.no_grad():
+            # The EMA weights stay fp32; their forward runs in the training precision.
+            low = x.dtype in (torch.float16, torch.bfloat16)
+            with torch.no_grad(), torch.autocast(x.device.type, dtype=x.dtype, enabled=low):
                 targets = self.encode_visible(self.ema.module, x, ids_keep)[::-1]  # s3, f2, f1
             for name, head, level, target in zip(("p16", "p8", "p4"), self.mfm_heads, pyramid, targets):
                 pred_feat = head(level)  # (B, n, h, w, C_s)

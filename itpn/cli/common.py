@@ -1,0 +1,40 @@
+"""Shared command-line handling of the training commands: a recipe, key=value overrides,
+and the arguments launchers add (``--local_rank``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..engine.config import ConfigError, load_config
+from ..engine.preflight import preflight
+
+
+def parse(task: str, argv: list[str] | None, default_recipe: str) -> dict:
+    p = argparse.ArgumentParser(prog=f"itpn-{task}", description=f"iTPN {task} under DeepSpeed. Runs as a console "
+                                f"command, as `deepspeed [launcher args] --module itpn.cli.{task} ...` or under "
+                                f"torchrun.")
+    p.add_argument("--config", default=default_recipe, help="recipe name in configs/ or a YAML path")
+    p.add_argument("--run-dir", help="shorthand for run_dir=...")
+    p.add_argument("--resume", help="auto | none | a checkpoint folder (shorthand for checkpoint.resume=...)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+        cfg["task"] = task  # the command decides what runs
+        preflight(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"itpn-{task}: configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.check:
+        print(f"itpn-{task}: configuration OK")
+        raise SystemExit(0)
+    return cfg

@@ -1,0 +1,76 @@
+"""Everything a run is built from, from the merged config: the student model or
+pre-training objective, the frozen teacher, the loaders. No distributed code here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models import ITPN, HiViTConfig
+from ..models.registry import VARIANTS
+from ..objectives.clip_mfm import ClipMFM
+from ..objectives.pixel_mim import PixelMIM
+from .config import ConfigError
+
+
+def backbone_config(cfg: dict) -> HiViTConfig:
+    m = cfg["model"]
+    if m["variant"] == "custom":
+        base = HiViTConfig()
+    elif m["variant"] in VARIANTS:
+        base = VARIANTS[m["variant"]]
+    else:
+        raise ConfigError(f"model.variant {m['variant']!r} is not one of {sorted(VARIANTS)} or 'custom'")
+    try:
+        return base.replace(drop_path_rate=m["drop_path_rate"], rpe=m["rpe"], layer_scale=m["layer_scale"],
+                            **m["arch"])
+    except TypeError as e:
+        raise ConfigError(f"model.arch: {e}") from None
+
+
+def build_objective(cfg: dict, teacher: nn.Module | None = None) -> nn.Module:
+    o = cfg["objective"]
+    bcfg = backbone_config(cfg)
+    if o["kind"] == "clip":
+        if teacher is not None and teacher.embed_dim is not None:
+            teacher_dim = teacher.embed_dim
+        else:
+            teacher_dim = o.get("teacher_dim") or 512
+        return ClipMFM(bcfg, teacher_dim=teacher_dim, fpn_dim=o["fpn_dim"], fpn_depth=o["fpn_depth"],
+                       stem_masking=o["stem_masking"], teacher=teacher)
+    if o["kind"] == "pixel":
+        return PixelMIM(bcfg, fpn_dim=o["fpn_dim"], fpn_depth=o["fpn_depth"], decoder_dim=o["decoder_dim"],
+                        decoder_depth=o["decoder_depth"], decoder_heads=o["decoder_heads"],
+                        norm_pix_loss=o["norm_pix_loss"], mfm_weight=o["mfm_weight"],
+                        mask_ratio=cfg["data"]["mask_ratio"])
+    raise ConfigError(f"objective.kind must be 'clip' or 'pixel', got {o['kind']!r}")
+
+
+def build_teacher(cfg: dict, dtype: torch.dtype, device) -> nn.Module | None:
+    if cfg["objective"]["kind"] != "clip":
+        return None
+    from ..objectives.clip_teacher import CLIPTeacher
+    t = cfg["teacher"]
+    teacher = CLIPTeacher(t["arch"], t["weights"], image_size=t["image_size"], dtype=dtype, device=device)
+    bcfg = backbone_config(cfg)
+    teacher.check_grid(bcfg.grid, bcfg.img_size, bcfg.patch_size)
+    return teacher
+
+
+def build_classifier(cfg: dict) -> ITPN:
+    return ITPN(backbone_config(cfg), num_classes=cfg["model"]["num_classes"])
+
+
+def pretrain_augment(cfg: dict):
+    from ..data import PretrainAugment
+    d, bcfg = cfg["data"], backbone_config(cfg)
+    return PretrainAugment(input_size=bcfg.img_size, patch_size=bcfg.patch_size,
+                           teacher_size=cfg["teacher"]["image_size"] if cfg["objective"]["kind"] == "clip" else None,
+                           scale=tuple(d["scale"]), color_jitter=d["color_jitter"], mask=d["mask_kind"],
+                           mask_ratio=d["mask_ratio"])
+
+
+def finetune_augment(cfg: dict):
+    from ..data import FinetuneAugment
+    d, bcfg = cfg["data"], backbone_config(cfg)
+    return FinetuneAugment(input_size=bcfg.img_size, auto_augment=d["rand_aug"], re_prob=d["reprob"])

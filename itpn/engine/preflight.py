@@ -1,0 +1,50 @@
+"""Checks that run before any process group exists: a bad config fails every rank at once,
+in seconds, with a message that names the problem (instead of a hang or a stack trace
+from inside a collective)."""
+
+from __future__ import annotations
+
+import os
+
+from .build import backbone_config
+from .config import ConfigError, deepspeed_config
+
+
+def _check_shards(path: str | None, key: str) -> None:
+    if not path:
+        raise ConfigError(f"{key} is not set (a folder of shards written by itpn-prep)")
+    if not os.path.exists(path):
+        raise ConfigError(f"{key}={path}: no such folder")
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+                                       for f in ("manifest.json", "sizes.json", "_info.json")):
+        raise ConfigError(f"{key}={path}: no manifest.json (or sizes.json / _info.json) in it")
+
+
+def _check_teacher_weights(weights: str | None) -> None:
+    if weights is None:
+        return
+    looks_like_path = os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path and not os.path.isfile(weights):
+        raise ConfigError(f"teacher.weights={weights}: file not found")
+
+
+def preflight(cfg: dict, world_size: int) -> dict:
+    """Validate a merged config for ``world_size`` ranks; returns the DeepSpeed config."""
+    if cfg["task"] not in ("pretrain", "finetune", "linprobe", "eval"):
+        raise ConfigError(f"task must be pretrain, finetune, linprobe or eval, got {cfg['task']!r}")
+    backbone_config(cfg)
+    ds = deepspeed_config(cfg, world_size)
+    if cfg["task"] != "eval":
+        _check_shards(cfg["data"]["train"], "data.train")
+    if cfg["task"] in ("finetune", "linprobe", "eval") and cfg["data"]["val"]:
+        _check_shards(cfg["data"]["val"], "data.val")
+    if cfg["task"] == "eval" and not cfg["data"]["val"]:
+        raise ConfigError("evaluation needs data.val")
+    if cfg["task"] == "pretrain" and cfg["objective"]["kind"] == "clip":
+        _check_teacher_weights(cfg["teacher"]["weights"])
+    init = cfg["model"]["init"]
+    if init and not os.path.isfile(init):
+        raise ConfigError(f"model.init={init}: file not found")
+    if cfg["task"] == "finetune" and cfg["data"]["batch_size"] % 2 and (cfg["data"]["mixup"] or cfg["data"]["cutmix"]):
+        raise ConfigError(f"mixup/cutmix need an even data.batch_size, got {cfg['data']['batch_size']}")
+    return ds

@@ -1,0 +1,583 @@
+"""Run setup under DeepSpeed and the training loops (issue #5).
+
+``run(cfg)`` is the whole life of a process: distributed init, building the objective (or
+classifier) and the frozen teacher, ``deepspeed.initialize`` on the trained module only,
+resume, the loop, checkpoints, export. The loop itself (``train_loop``) is short and linear.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import socket
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import build_eval_loader, build_finetune_loader, build_pretrain_loader
+from ..data.mixup import build_criterion, build_mixup
+from ..models.flops import count_train_flops, vit_forward_flops
+from ..objectives.ema import momentum_schedule
+from .build import (backbone_config, build_classifier, build_objective, build_teacher, finetune_augment,
+                    pretrain_augment)
+from .checkpoint import CheckpointManager
+from .config import ConfigError, deepspeed_config, precision, write_run_config
+from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
+from .param_groups import param_groups
+from .schedules import Schedule, scaled_lr
+
+log = logging.getLogger("itpn.engine")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- setup
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """Join the process group the launcher (deepspeed, torchrun, srun wrapper) set up, or a
+    one-process group when started directly."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    accel = get_accelerator()
+    backend = "nccl" if accel.device_name() == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accel.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool) -> int:
+    """Activation checkpointing on every ``every``-th block and/or torch.compile per block.
+    Returns how many blocks are checkpointed."""
+    from ..layers import Block
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    n = 0
+    for i, blk in enumerate(blocks):
+        if enable_ckpt and i % max(every, 1) == 0:
+            blk.grad_checkpointing = True
+            n += 1
+        if compile_blocks:
+            blk.compile()
+    return n
+
+
+@dataclass
+class TrainState:
+    step: int = 0            # optimizer steps taken
+    samples: int = 0         # samples seen by all ranks
+    epoch: int = 0
+    best_top1: float = -1.0
+    extra: dict = field(default_factory=dict)
+
+
+def _client_state(state: TrainState, loader, world: int, ema=None) -> dict:
+    out = {"step": state.step, "samples": state.samples, "epoch": state.epoch, "best_top1": state.best_top1,
+           "loader": loader.state_dict(), "rng": rng_state(), "world_size": world}
+    if ema is not None:
+        out["ema"] = ema.state_dict()
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _check_finite(bad: torch.Tensor, step: int, ckpt: CheckpointManager) -> None:
+    """All ranks agree whether any rank saw a non-finite loss since the last check."""
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        last = ckpt.resolve("auto")
+        raise NonFiniteLoss(f"non-finite loss at or before step {step}; stopping without saving. Last good "
+                            f"checkpoint: {os.path.join(*last) if last else 'none'}")
+
+
+def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, optimizer, *, total_steps: int,
+               global_batch: int, ckpt: CheckpointManager, cfg: dict, metrics: MetricLogger, world: int,
+               device, flops_per_sample: float | None, after_step=None, on_epoch_end=None, ema=None) -> TrainState:
+    """One linear loop over optimizer steps: fetch, forward/backward (``step_fn``), schedule,
+    step, log, checkpoint. Loss terms stay on the device between log steps (no per-step
+    host sync); a non-finite loss on any rank stops the run at the next log step, before
+    any checkpoint could store it."""
+    accum = engine.gradient_accumulation_steps()
+    log_every, save_every = cfg["log"]["every_steps"], cfg["checkpoint"]["every_steps"]
+    peak = device_peak_tflops(device)
+    sums: dict[str, torch.Tensor] = {}
+    bad = torch.zeros((), device=device)
+    meter = Throughput(total_steps, state.step)
+    micro = 0
+    t_fetch = time.perf_counter()
+    it = iter(loader)
+    while state.step < total_steps:
+        try:
+            batch = next(it)
+        except StopIteration:
+            if on_epoch_end is not None:
+                on_epoch_end(state)
+            state.epoch = loader.epoch
+            it = iter(loader)
+            continue
+        wait = time.perf_counter() - t_fetch
+        terms = step_fn(batch)
+        loss = terms["loss"]
+        engine.backward(loss)
+        micro += 1
+        if engine.is_gradient_accumulation_boundary():
+            lr, wd = schedule.apply(optimizer, state.samples)
+        engine.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        bad += (~torch.isfinite(loss.detach())).float()
+        meter.add(batch["image"].shape[0] * world, wait)
+        if micro % accum:
+            t_fetch = time.perf_counter()
+            continue
+        state.step += 1
+        state.samples += global_batch
+        state.epoch = loader.epoch
+        if after_step is not None:
+            after_step(state)
+        should_save = state.step % save_every == 0 and state.step < total_steps
+        if state.step % log_every == 0 or state.step == total_steps or should_save:
+            _check_finite(bad, state.step, ckpt)
+        if state.step % log_every == 0 or state.step == total_steps:
+            n = max(state.step - meter.step0, 1) * accum
+            values = {k: v.item() / n for k, v in sums.items()}
+            thr = meter.window(state.step)
+            values.update(lr=lr, wd=wd, epoch=state.epoch, samples=state.samples, **thr)
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                values["grad_norm"] = float(gn)
+            if engine.fp16_enabled():
+                values["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else float("nan")
+                values["skipped_steps"] = engine.skipped_steps
+            if device.type == "cuda":
+                values["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            if flops_per_sample:
+                values["tflops_per_gpu"] = thr["img_s"] / world * flops_per_sample / 1e12
+                if peak:
+                    values["mfu"] = values["tflops_per_gpu"] / peak
+            metrics.scalars(state.step, values)
+            terms_txt = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k.startswith("loss"))
+            log.info("step %d/%d epoch %d %s lr=%.3g %.1f img/s data-wait %.0f%% eta %.1f min", state.step,
+                     total_steps, state.epoch, terms_txt, lr, thr["img_s"], 100 * thr["data_wait_frac"], thr["eta_min"])
+            sums = {}
+        if should_save:
+            ckpt.save(engine, state.step, _client_state(state, loader, world, ema))
+        t_fetch = time.perf_counter()
+    return state
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def _engine(module, cfg, ds_cfg, optimizer):
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
+    return engine
+
+
+def _optimizer(groups, cfg, device, lars: bool = False):
+    o = cfg["optim"]
+    if lars:
+        from timm.optim import Lars
+        return Lars(groups, lr=0.0, momentum=0.9, weight_decay=o["weight_decay"])
+    fused = bool(o["fused"]) and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
+                             fused=fused or None, foreach=None if fused else True)
+
+
+def _schedule(cfg, total_batch: int, samples_per_epoch: int) -> tuple[Schedule, int]:
+    o = cfg["optim"]
+    lr = o["lr"] if o["lr"] is not None else scaled_lr(o["base_lr"], total_batch)
+    total = int(o["epochs"] * samples_per_epoch)
+    total_steps = max(math.ceil(total / total_batch), 1)
+    return Schedule(lr=lr, min_lr=o["min_lr"], warmup_samples=int(o["warmup_epochs"] * samples_per_epoch),
+                    total_samples=total_steps * total_batch, weight_decay=o["weight_decay"],
+                    weight_decay_end=o["weight_decay_end"]), total_steps
+
+
+def _resume(engine, ckpt: CheckpointManager, cfg, world: int, loader, state: TrainState, ema=None) -> TrainState:
+    found = ckpt.resolve(cfg["checkpoint"]["resume"])
+    if found is None:
+        return state
+    load_dir, tag = found
+    meta_world = _saved_world_size(os.path.join(load_dir, tag))
+    if meta_world is not None and meta_world != world:
+        return _resume_other_world(engine, load_dir, tag, meta_world, world, loader, ema)
+    _, client = engine.load_checkpoint(load_dir, tag=tag)
+    state = TrainState(step=client["step"], samples=client["samples"], epoch=client["epoch"],
+                       best_top1=client.get("best_top1", -1.0))
+    loader.load_state_dict(client["loader"])
+    set_rng_state(client["rng"])
+    if ema is not None and "ema" in client:
+        ema.load_state_dict(client["ema"])
+    log.info("resumed from %s/%s at step %d (epoch %d, %d samples)", load_dir, tag, state.step, state.epoch,
+             state.samples)
+    return state
+
+
+def _resume_other_world(engine, load_dir: str, tag: str, saved_world: int, world: int, loader, ema) -> TrainState:
+    """Resume on a different number of ranks from the checkpoint's consolidated fp32 weights
+    (DeepSpeed's zero_to_fp32 reads the master weights out of the optimizer shards). The
+    optimizer moments restart from zero; step, samples, schedules and the EMA teacher carry
+    over; the loader resumes at the same epoch, at the batch covering the same fraction."""
+    import glob
+
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    log.warning("checkpoint %s was written by %d ranks, this run has %d: loading its consolidated fp32 weights; "
+                "optimizer moments restart", tag, saved_world, world)
+    sd = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag)
+    module = engine.module
+    params = list(module.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if engine.zero_optimization_stage() == 3 \
+        else _null()
+    with ctx:
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("pos_embed") or k in sd]
+    if unexpected:
+        raise RuntimeError(f"consolidated weights of {tag} do not fit the model: unexpected {unexpected[:5]}")
+    # Our client state sits in every model-states file; any one of them will do.
+    states = sorted(glob.glob(os.path.join(load_dir, tag, "*model_states.pt")))
+    client = torch.load(states[0], map_location="cpu", weights_only=False)
+    state = TrainState(step=client["step"], samples=client["samples"], epoch=client["epoch"],
+                       best_top1=client.get("best_top1", -1.0))
+    loader_state = dict(client["loader"])
+    loader_state["step"] = int(loader_state["step"] * saved_world / world)
+    loader.load_state_dict(loader_state)
+    if ema is not None and "ema" in client:
+        ema.load_state_dict(client["ema"])
+    return state
+
+
+def _saved_world_size(path: str) -> int | None:
+    import glob
+    files = glob.glob(os.path.join(path, "*optim_states.pt"))
+    return len(files) or None
+
+
+def run_pretrain(cfg: dict) -> TrainState:
+    rank, world, local_rank, device = init_distributed()
+    run_dir = cfg["run_dir"]
+    setup_logging(rank, run_dir)
+    ds_cfg = deepspeed_config(cfg, world)
+    prec = precision(ds_cfg)
+    dtype = DTYPES[prec]
+    if rank == 0:
+        write_run_config(cfg, ds_cfg, run_dir)
+    seed_everything(cfg["seed"] + rank)
+    teacher = build_teacher(cfg, dtype, device)
+    torch.manual_seed(cfg["seed"])  # identical student initialisation on every rank
+    objective = build_objective(cfg, teacher)
+    seed_everything(cfg["seed"] + rank)
+    n_ckpt = apply_block_options(objective, cfg["deepspeed"]["checkpoint_every"],
+                                 cfg["deepspeed"]["activation_checkpointing"], cfg["deepspeed"]["compile"])
+    n_params = sum(p.numel() for p in objective.parameters())
+    optimizer = _optimizer(param_groups(objective, cfg["optim"]["weight_decay"]), cfg, device)
+    engine = _engine(objective, cfg, ds_cfg, optimizer)
+    ema = getattr(objective, "ema", None)
+    if ema is not None:
+        ema.to(device)
+    gather = None
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+        gather = lambda params: deepspeed.zero.GatheredParameters(params)  # noqa: E731
+
+    d = cfg["data"]
+    loader = build_pretrain_loader(d["train"], d["batch_size"], pretrain_augment(cfg), rank=rank, world_size=world,
+                                   num_workers=d["num_workers"], seed=cfg["seed"], epoch_length=d["epoch_samples"],
+                                   pin_memory=device.type == "cuda")
+    total_batch = ds_cfg["train_batch_size"]
+    samples_per_epoch = len(loader) * d["batch_size"] * world
+    schedule, total_steps = _schedule(cfg, total_batch, samples_per_epoch)
+    ckpt = CheckpointManager(run_dir, cfg["checkpoint"]["keep"], rank, barrier=dist.barrier)
+    state = _resume(engine, ckpt, cfg, world, loader, TrainState(), ema)
+    metrics = MetricLogger(run_dir, rank, cfg["log"]["tensorboard"])
+    flops = _pretrain_flops(cfg, teacher)
+    log.info("pre-training %s (%s, %d params) on %d ranks, %s, ZeRO-%d, %d checkpointed blocks; %d steps of %d "
+             "samples (%d per epoch)", cfg["objective"]["kind"], cfg["model"]["variant"],
+             n_params, world, prec, engine.zero_optimization_stage(), n_ckpt,
+             total_steps, total_batch, samples_per_epoch)
+
+    def step_fn(batch):
+        x = batch["image"].to(device, dtype, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        if cfg["objective"]["kind"] == "clip":
+            tview = batch["teacher_image"].to(device, non_blocking=True)
+            with torch.no_grad():
+                targets = teacher(tview)
+            out = engine(x, mask, targets=targets)
+        else:
+            out = engine(x, mask)
+        return {k: v for k, v in out.items() if k.startswith("loss")}
+
+    def after_step(st: TrainState):
+        if ema is not None:
+            m = momentum_schedule(st.step, total_steps, cfg["objective"]["ema_momentum"],
+                                  cfg["objective"]["ema_momentum_final"])
+            ema.update(engine.module.encoder, m, gather)
+
+    try:
+        state = train_loop(engine, loader, step_fn, state, schedule, optimizer, total_steps=total_steps,
+                           global_batch=total_batch, ckpt=ckpt, cfg=cfg, metrics=metrics, world=world, device=device,
+                           flops_per_sample=flops, after_step=after_step, ema=ema)
+        ckpt.save(engine, state.step, _client_state(state, loader, world, ema))
+        export_weights(engine, cfg, run_dir, rank)
+    finally:
+        metrics.close()
+    return state
+
+
+def _pretrain_flops(cfg, teacher) -> float | None:
+    bcfg = backbone_config(cfg)
+    n = bcfg.grid ** 2
+    kind = cfg["objective"]["kind"]
+
+    def inputs():
+        x = torch.zeros(2, 3, bcfg.img_size, bcfg.img_size)
+        mask = torch.zeros(2, n, dtype=torch.bool)
+        mask[:, : n - int(n * (1 - cfg["data"]["mask_ratio"]))] = True
+        if kind == "clip":
+            return dict(x=x, mask=mask, targets=torch.zeros(2, n, teacher.embed_dim))
+        return dict(x=x, mask=mask)
+    try:
+        flops = count_train_flops(lambda: build_objective(cfg, None) if kind == "pixel" else
+                                  build_objective(cfg, teacher), inputs, 2)
+    except Exception as e:  # noqa: BLE001 - MFU is a report, never a reason to stop training
+        log.warning("could not count FLOPs (%s); MFU will not be logged", e)
+        return None
+    if teacher is not None:
+        flops += vit_forward_flops(teacher.width, teacher.layers, teacher.patch_size, teacher.image_size,
+                                   teacher.embed_dim)
+    return flops
+
+
+def export_weights(engine, cfg, run_dir: str, rank: int) -> None:
+    """Consolidated fp32 weights of the trained module, in our layout and the official one."""
+    import deepspeed
+    from ..compat.convert import ours_to_official
+
+    module = engine.module
+    params = list(module.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 else _null()
+    with ctx:
+        if rank == 0:
+            sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    if rank != 0:
+        dist.barrier()
+        return
+    out = os.path.join(run_dir, "weights")
+    os.makedirs(out, exist_ok=True)
+    _atomic_torch_save({"model": sd, "config": cfg}, os.path.join(out, "model.pt"))
+    if cfg["checkpoint"]["export_official"]:
+        kind = {"clip": "clip_distill", "pixel": "pixel_mim", None: "classifier"}[
+            cfg["objective"]["kind"] if cfg["task"] == "pretrain" else None]
+        depths = backbone_config(cfg).depths
+        try:
+            off = ours_to_official({k: v for k, v in sd.items() if not k.startswith("mfm_heads")}, kind, depths)
+            _atomic_torch_save({"model": off}, os.path.join(out, "model_official.pt"))
+        except KeyError as e:
+            log.warning("official export skipped: %s", e)
+    log.info("exported consolidated fp32 weights to %s", out)
+    dist.barrier()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """Initialise a classifier from a pre-training export (ours: encoder.* keys; or a
+    released checkpoint, pre-trained or fine-tuned). Position tables are resized."""
+    from ..compat.convert import (checkpoint_filter_fn, is_official, load_checkpoint_file)
+    sd = load_checkpoint_file(path)
+    if not is_official(sd):
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")} or sd
+    sd = checkpoint_filter_fn(sd, model)
+    missing, _ = model.load_state_dict(sd, strict=False)
+    log.info("initialised from %s: %d tensors loaded, not in the file: %s", path, len(sd), missing[:8])
+
+
+def evaluate(model, loader, device, dtype) -> dict:
+    """top-1 / top-5 over the whole validation set, every sample counted once across ranks."""
+    model.eval()
+    stats = torch.zeros(3, device=device)  # correct@1, correct@5, count
+    with torch.no_grad():
+        for batch in loader:
+            x = batch["image"].to(device, dtype, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            valid = batch["valid"].to(device, non_blocking=True)
+            logits = model(x).float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top5 == y[:, None]
+            stats[0] += (hit[:, 0] & valid).sum()
+            stats[1] += (hit.any(dim=1) & valid).sum()
+            stats[2] += valid.sum()
+    dist.all_reduce(stats)
+    model.train()
+    n = max(stats[2].item(), 1)
+    return {"top1": 100 * stats[0].item() / n, "top5": 100 * stats[1].item() / n, "count": int(stats[2].item())}
+
+
+def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
+    """Fine-tuning (mixup/cutmix, soft-target CE with smoothing, layer decay, optional EMA of
+    weights) or linear probing (frozen backbone, BatchNorm without affine, LARS); top-1 /
+    top-5 on the validation shards after every epoch; the best weights kept."""
+    from ..objectives.ema import EMATeacher
+
+    rank, world, local_rank, device = init_distributed()
+    run_dir = cfg["run_dir"]
+    setup_logging(rank, run_dir)
+    ds_cfg = deepspeed_config(cfg, world)
+    dtype = DTYPES[precision(ds_cfg)]
+    if rank == 0:
+        write_run_config(cfg, ds_cfg, run_dir)
+    torch.manual_seed(cfg["seed"])
+    model = build_classifier(cfg)
+    if cfg["model"]["init"]:
+        load_init_weights(model, cfg["model"]["init"])
+    seed_everything(cfg["seed"] + rank)
+    if linprobe:
+        model.requires_grad_(False)
+        head = torch.nn.Linear(model.embed_dim, cfg["model"]["num_classes"])
+        torch.nn.init.trunc_normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
+        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.embed_dim, affine=False), head)
+        groups = param_groups(model, 0.0)
+    else:
+        apply_block_options(model, cfg["deepspeed"]["checkpoint_every"], cfg["deepspeed"]["activation_checkpointing"],
+                            cfg["deepspeed"]["compile"])
+        groups = param_groups(model, cfg["optim"]["weight_decay"], cfg["optim"]["layer_decay"])
+    optimizer = _optimizer(groups, cfg, device, lars=linprobe)
+    engine = _engine(model, cfg, ds_cfg, optimizer)
+    model_ema = None
+    if cfg["optim"]["model_ema"] and not linprobe:
+        model_ema = EMATeacher(engine.module)
+
+    d = cfg["data"]
+    aug = finetune_augment(cfg)
+    loader = build_finetune_loader(d["train"], d["batch_size"], aug, rank=rank, world_size=world,
+                                   num_workers=d["num_workers"], seed=cfg["seed"], epoch_length=d["epoch_samples"],
+                                   pin_memory=device.type == "cuda")
+    val = build_eval_loader(d["val"], d["batch_size"], input_size=backbone_config(cfg).img_size,
+                            crop_pct=d["crop_pct"], rank=rank, world_size=world, num_workers=d["num_workers"]) \
+        if d["val"] else None
+    mixup = None if linprobe else build_mixup(cfg["model"]["num_classes"], d["mixup"], d["cutmix"],
+                                              label_smoothing=d["smoothing"])
+    criterion = build_criterion(mixup, 0.0 if linprobe else d["smoothing"])
+    total_batch = ds_cfg["train_batch_size"]
+    schedule, total_steps = _schedule(cfg, total_batch, len(loader) * d["batch_size"] * world)
+    ckpt = CheckpointManager(run_dir, cfg["checkpoint"]["keep"], rank, barrier=dist.barrier)
+    state = _resume(engine, ckpt, cfg, world, loader, TrainState(), model_ema)
+    metrics = MetricLogger(run_dir, rank, cfg["log"]["tensorboard"])
+    log.info("%s %s on %d ranks: %d steps of %d samples", "linear probing" if linprobe else "fine-tuning",
+             cfg["model"]["variant"], world, total_steps, total_batch)
+
+    def step_fn(batch):
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        logits = engine(x.to(dtype))
+        return {"loss": criterion(logits.float(), y)}
+
+    def after_step(st):
+        if model_ema is not None:
+            model_ema.update(engine.module, cfg["optim"]["model_ema"])
+
+    def on_epoch_end(st: TrainState):
+        if val is None:
+            return
+        result = evaluate(engine.module, val, device, dtype)
+        values = {f"val_{k}": v for k, v in result.items()}
+        if model_ema is not None:
+            ema_result = evaluate(model_ema.module.to(dtype), val, device, dtype)
+            model_ema.module.float()
+            values.update({f"val_ema_{k}": v for k, v in ema_result.items()})
+        metrics.scalars(st.step, values)
+        log.info("epoch %d: top-1 %.2f top-5 %.2f (%d images)", st.epoch, result["top1"], result["top5"],
+                 result["count"])
+        if result["top1"] > st.best_top1:
+            st.best_top1 = result["top1"]
+            export_weights(engine, {**cfg, "checkpoint": {**cfg["checkpoint"], "export_official": False}},
+                           os.path.join(run_dir, "best"), rank)
+        st.extra["last_eval"] = result
+
+    try:
+        state = train_loop(engine, loader, step_fn, state, schedule, optimizer, total_steps=total_steps,
+                           global_batch=total_batch, ckpt=ckpt, cfg=cfg, metrics=metrics, world=world, device=device,
+                           flops_per_sample=None, after_step=after_step, on_epoch_end=on_epoch_end, ema=model_ema)
+        on_epoch_end(state)
+        ckpt.save(engine, state.step, _client_state(state, loader, world, model_ema))
+        export_weights(engine, cfg, run_dir, rank)
+    finally:
+        metrics.close()
+    return state
+
+
+def run_eval(cfg: dict) -> dict:
+    rank, world, local_rank, device = init_distributed()
+    setup_logging(rank)
+    if not cfg["model"]["init"]:
+        raise ConfigError("evaluation needs model.init (the weights to evaluate)")
+    model = build_classifier(cfg)
+    load_init_weights(model, cfg["model"]["init"])
+    model.to(device)
+    d = cfg["data"]
+    val = build_eval_loader(d["val"], d["batch_size"], input_size=backbone_config(cfg).img_size,
+                            crop_pct=d["crop_pct"], rank=rank, world_size=world, num_workers=d["num_workers"])
+    result = evaluate(model, val, device, torch.float32)
+    log.info("top-1 %.2f top-5 %.2f (%d images)", result["top1"], result["top5"], result["count"])
+    return result
