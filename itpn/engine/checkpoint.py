@@ -19,6 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .faults import maybe_die
+
 log = logging.getLogger(__name__)
 
 TAG = re.compile(r"^step_(\d{8})$")
@@ -75,6 +77,7 @@ class CheckpointManager:
         # save_latest=False: DeepSpeed would move its own pointer before we know every
         # rank has finished; we move ours after the barrier below.
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        maybe_die("in_save", step)
         self.barrier()
         if self.rank == 0:
             _atomic_write(self.dir / tag / "COMPLETE", f"{step}\n")

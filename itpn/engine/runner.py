@@ -28,6 +28,7 @@ from .build import (backbone_config, build_classifier, build_objective, build_te
                     pretrain_augment)
 from .checkpoint import CheckpointManager
 from .config import ConfigError, deepspeed_config, precision, write_run_config
+from .faults import maybe_die
 from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
 from .param_groups import param_groups
 from .schedules import Schedule, scaled_lr
@@ -205,6 +206,7 @@ def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, o
             sums = {}
         if should_save:
             ckpt.save(engine, state.step, _client_state(state, loader, world, ema))
+        maybe_die("after_step", state.step)
         t_fetch = time.perf_counter()
     return state
 

@@ -1,0 +1,142 @@
+"""Multi-process DeepSpeed runs on CPU (gloo) through the real launcher and entry points:
+ZeRO 1/2/3 equivalence, SIGKILL + resume, interrupted saves, a two-node loopback launch
+without ssh, and configuration errors that stop every rank before training."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+pytestmark = pytest.mark.slow
+
+# The demo recipe with the pixel objective + EMA-teacher MFM (the EMA state is part of what resume must restore).
+PIXEL = ["objective.kind=pixel", "objective.fpn_depth=1", "objective.decoder_dim=64", "objective.decoder_depth=1",
+         "objective.decoder_heads=4", "objective.mfm_weight=0.3", "data.mask_kind=random", "log.every_steps=1",
+         "log.tensorboard=false"]
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    env.pop("ITPN_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def _run(cmd, cwd, env=None, check=True, timeout=600):
+    proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "data"
+    _run([sys.executable, "-m", "data_prep", "demo", str(out)], cwd=ROOT)
+    return out
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_zero_stages_match_single_process(tmp_path):
+    driver = str(ROOT / "tests" / "integration" / "zero_driver.py")
+    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), driver, "--out", str(tmp_path / "z.json")],
+         cwd=ROOT)
+    _run([DEEPSPEED, "--num_gpus", "1", "--master_port", str(_port()), driver, "--out", str(tmp_path / "ref.json"),
+          "--stages", "0"], cwd=ROOT)
+    multi = json.load(open(tmp_path / "z.json"))["losses"]
+    ref = json.load(open(tmp_path / "ref.json"))["losses"]["0"]
+    assert ref[-1] < ref[0]  # it trains
+    for stage in ("1", "2", "3"):
+        assert multi[stage] == pytest.approx(ref, rel=1e-4, abs=1e-6), stage
+
+
+def _pretrain(run_dir, data, *extra, fault=None, check=True):
+    cmd = [sys.executable, "-m", "itpn.cli.pretrain", "--config", "demo", f"run_dir={run_dir}",
+           f"data.train={data / 'train'}", "optim.epochs=1", "checkpoint.every_steps=4", *PIXEL, *extra]
+    return _run(cmd, cwd=ROOT, env=_env(**({"ITPN_FAULT": fault} if fault else {})), check=check)
+
+
+def test_sigkill_and_resume_continue_the_same_run(tmp_path, demo_data):
+    ref = tmp_path / "ref"
+    _pretrain(ref, demo_data, "optim.epochs=0.4")  # 12 steps of 16 samples
+    killed = tmp_path / "killed"
+    proc = _pretrain(killed, demo_data, "optim.epochs=0.4", fault="after_step:6", check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    _pretrain(killed, demo_data, "optim.epochs=0.4")  # --resume auto is the default
+    a, b = _losses(ref), _losses(killed)
+    assert sorted(a) == list(range(1, 13))
+    # Steps 5-6 ran twice in the killed run (before the kill and after the resume from step 4);
+    # the JSON lines keep both, the later one last.
+    for step in range(5, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, demo_data):
+    run = tmp_path / "run"
+    proc = _pretrain(run, demo_data, "optim.epochs=0.4", fault="in_save:8", check=False)
+    assert proc.returncode == -signal.SIGKILL
+    ck = run / "checkpoints"
+    assert (ck / "step_00000008").is_dir() and not (ck / "step_00000008" / "COMPLETE").exists()
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+    out = _pretrain(run, demo_data, "optim.epochs=0.4")
+    assert "resumed from" in out.stderr and "step_00000004" in out.stderr
+    assert (ck / "step_00000012" / "COMPLETE").is_file()
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_loopback_without_ssh(tmp_path, demo_data):
+    port = _port()
+    run = tmp_path / "run"
+    # Two "nodes" that are both this machine: each launcher starts only its own node's rank.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    cmds = [[DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "itpn.cli.pretrain",
+             "--config", "demo", f"run_dir={run}", f"data.train={demo_data / 'train'}", "optim.epochs=0.2", *PIXEL]
+            for r in (0, 1)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in cmds]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "on 2 ranks" in outs[0]
+    assert max(_losses(run)) == 3  # 0.2 epoch of 480 samples at 2 x 16 per step
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'"),
+    ("optim.total_batch=100", "not a multiple"),
+    ("data.train=/nonexistent/shards", "data.train=/nonexistent/shards: no such folder"),
+    ("teacher.weights=/nonexistent/clip.pt", "teacher.weights=/nonexistent/clip.pt: file not found"),
+])
+def test_bad_config_fails_before_training(override, message, demo_data):
+    cmd = [sys.executable, "-m", "itpn.cli.pretrain", "--config", "demo", f"data.train={demo_data / 'train'}", override]
+    proc = _run(cmd, cwd=ROOT, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bad_config_stops_every_launched_rank(demo_data, tmp_path):
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "itpn.cli.pretrain",
+           "--config", "demo", f"run_dir={tmp_path}", f"data.train={demo_data / 'train'}", "deepspeed.grad_accum=3",
+           "optim.total_batch=64"]
+    proc = _run(cmd, cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("inconsistent batch arithmetic") + proc.stdout.count("inconsistent batch arithmetic") >= 2
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,52 @@
+"""Driver for test_deepspeed.py: trains the demo CLIP-MFM objective for a few steps on a
+fixed global batch, split across the ranks, through the engine's own builders and
+``deepspeed.initialize``, once per ZeRO stage; writes the global mean loss of each step."""
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+from itpn.engine.build import build_objective
+from itpn.engine.config import deepspeed_config, load_config
+from itpn.engine.param_groups import param_groups
+from itpn.engine.runner import _engine, _optimizer, init_distributed
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+p.add_argument("--steps", type=int, default=4)
+p.add_argument("--local_rank", type=int, default=0)
+args = p.parse_args()
+
+rank, world, _, device = init_distributed()
+GLOBAL = 4
+results = {}
+for stage in args.stages:
+    cfg = load_config("demo", [f"deepspeed.fragments=[zero{stage}, fp32]", f"data.batch_size={GLOBAL // world}",
+                               "optim.clip_grad=null"])
+    torch.manual_seed(0)
+    objective = build_objective(cfg)  # no teacher: fixed targets below
+    opt = _optimizer(param_groups(objective, 0.05), cfg, device)
+    for g in opt.param_groups:
+        g["lr"] = 1e-3
+    engine = _engine(objective, cfg, deepspeed_config(cfg, world), opt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(GLOBAL, 3, 64, 64, generator=g)
+    mask = torch.rand(GLOBAL, 16, generator=g) < 0.4
+    targets = torch.randn(GLOBAL, 16, 512, generator=g)
+    part = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
+    losses = []
+    for _ in range(args.steps):
+        out = engine(x[part], mask[part], targets=targets[part])
+        engine.backward(out["loss"])
+        engine.step()
+        loss = out["loss"].detach().clone()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / world)
+    results[stage] = losses
+    del engine
+if rank == 0:
+    with open(args.out, "w") as f:
+        json.dump({"world": world, "losses": results}, f)
