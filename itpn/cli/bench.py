@@ -173,7 +173,7 @@ class Timer:
 def run_setting(recipe: Recipe, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
                 split: bool = True) -> dict:
     dtype = DTYPES[setting["dtype"]]
-    teacher = build_teacher(recipe, dtype if setting["dtype"] == "bf16" else torch.float32, device)
+    teacher = build_teacher(recipe, dtype, device)
     model = build_objective(recipe).to(device).train()
     if setting["compile"]:
         for module in model.modules():

@@ -47,6 +47,7 @@ def count_train_flops(build: Callable[[], nn.Module], make_inputs: Callable[[], 
 def vit_forward_flops(width: int, layers: int, patch: int, image: int, out_dim: int, cls_token: bool = True) -> float:
     """Forward FLOPs of a plain ViT tower per image (matmuls and attention, as
     FlopCounterMode counts them): patch embedding, ``layers`` blocks, output projection."""
-    n = (image // patch) ** 2 + int(cls_token)
-    per_layer = 24 * n * width * width + 4 * n * n * width
-    return 2 * n * 3 * patch * patch * width + layers * per_layer + 2 * n * width * out_dim
+    patches = (image // patch) ** 2
+    n = patches + int(cls_token)
+    per_layer = 24 * n * width * width + 4 * n * n * width  # qkv, proj, 4x MLP; q @ k^T and attn @ v
+    return 2 * patches * 3 * patch * patch * width + layers * per_layer + 2 * patches * width * out_dim
