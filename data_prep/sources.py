@@ -56,6 +56,8 @@ def scan_folder(src: str) -> tuple[list[str], list[SampleRef]]:
                 if _is_image(name):
                     path = os.path.join(dirpath, name)
                     refs.append(SampleRef(wnid, os.path.relpath(path, src), path, 0, os.path.getsize(path)))
+    if not refs:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) under the class folders of {src}")
     return classes, refs
 
 
