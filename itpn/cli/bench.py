@@ -171,7 +171,7 @@ class Timer:
 
 
 def run_setting(recipe: Recipe, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
-                split: bool = True) -> dict:
+                split: bool = True, profile: str | None = None) -> dict:
     dtype = DTYPES[setting["dtype"]]
     teacher = build_teacher(recipe, dtype, device)
     model = build_objective(recipe).to(device).train()
@@ -235,6 +235,17 @@ def run_setting(recipe: Recipe, name: str, setting: dict, batch: int, steps: int
             result.update({f"{k}_pct": 100 * v / total for k, v in times.items()})
         if device.type == "cuda":
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch_profile(activities=acts) as prof:
+                for _ in range(3):
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            with open(profile, "w") as f:
+                f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
     result["teacher_gflop"] = teacher_flops(teacher) / 1e9
     del model, opt, teacher
     gc.collect()
@@ -282,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infer", action="store_true", help="classifier inference throughput instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results here (JSON lines)")
+    parser.add_argument("--profile", help="write a kernel table (3 profiled steps of the last setting) here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -305,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.ladder:
                 warm = args.warmup + (3 if LADDER[name]["compile"] else 0)
                 try:
-                    r = run_setting(recipe, name, LADDER[name], b, args.steps, warm, device)
+                    last = name == args.ladder[-1] and b == args.batch[-1]
+                    r = run_setting(recipe, name, LADDER[name], b, args.steps, warm, device,
+                                    profile=args.profile if last else None)
                 except torch.OutOfMemoryError:
                     r = dict(setting=name, batch=b, oom=True)
                     gc.collect()
