@@ -1,6 +1,6 @@
 """Building blocks shared by the backbone, pyramid, decoder and heads; each defined once."""
 
-from .attention import Attention, attention_impl, relative_position_index, resize_rel_pos_table
+from .attention import Attention, attention_impl, relative_position_index, resize_rel_pos_table, set_attention_impl
 from .block import Block
 from .drop_path import DropPath
 from .mlp import Mlp
@@ -8,7 +8,7 @@ from .norm import AUX_LN_EPS, LN_EPS
 from .patch import PatchEmbed, PatchMerge, PatchSplit, tokens_to_map
 
 __all__ = [
-    "Attention", "attention_impl", "relative_position_index", "resize_rel_pos_table", "Block",
+    "Attention", "attention_impl", "set_attention_impl", "relative_position_index", "resize_rel_pos_table", "Block",
     "DropPath", "Mlp", "AUX_LN_EPS", "LN_EPS", "PatchEmbed", "PatchMerge", "PatchSplit",
     "tokens_to_map",
 ]

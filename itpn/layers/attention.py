@@ -13,17 +13,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# "sdpa" (default) or "naive": an explicit fp32 softmax over a materialised score matrix,
-# kept only as the baseline the speed benchmark and the equivalence tests compare against.
+# "sdpa" (default); "flex": FlexAttention with the relative bias read from the table inside
+# the kernel (GPU, meant for compiled blocks; falls back to SDPA where it cannot apply);
+# "naive": an explicit fp32 softmax over a materialised score matrix, kept only as the
+# baseline the speed benchmark and the equivalence tests compare against.
 _ATTENTION_IMPL = "sdpa"
+IMPLS = ("sdpa", "flex", "naive")
+# Measured fastest for N=196, d=64 on an H100 (docs/performance.md).
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def set_attention_impl(impl: str) -> None:
+    global _ATTENTION_IMPL
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    _ATTENTION_IMPL = impl
 
 
 @contextlib.contextmanager
 def attention_impl(impl: str):
-    """Temporarily switch every Attention module to ``impl`` ("sdpa" or "naive")."""
+    """Temporarily switch every Attention module to ``impl`` (one of IMPLS)."""
     global _ATTENTION_IMPL
-    if impl not in ("sdpa", "naive"):
-        raise ValueError(f"attention impl must be 'sdpa' or 'naive', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     previous, _ATTENTION_IMPL = _ATTENTION_IMPL, impl
     try:
         yield
@@ -116,10 +128,17 @@ class Attention(nn.Module):
         # (B, N, 3C) -> (B, N, 3, H, d) -> (3, B, H, N, d)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = None
-        if self.relative_position_bias_table is not None and rel_index is not None:
-            bias = self.rel_pos_bias(rel_index, rel_grid or (self.rel_pos_grid,) * 2).to(q.dtype)
         drop = self.attn_drop if self.training else 0.0
+        has_bias = self.relative_position_bias_table is not None and rel_index is not None
+        grid = rel_grid or (self.rel_pos_grid,) * 2
+        if (_ATTENTION_IMPL == "flex" and q.is_cuda and drop == 0.0 and
+                (not has_bias or (rel_index.ndim == 2 and tuple(grid) == (self.rel_pos_grid,) * 2))):
+            bias = self.rel_pos_bias(rel_index, grid).to(q.dtype) if has_bias else None
+            out = _flex_attention(q, k, v, bias)
+            return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        bias = None
+        if has_bias:
+            bias = self.rel_pos_bias(rel_index, grid).to(q.dtype)
         if _ATTENTION_IMPL == "naive":
             out = _naive_attention(q, k, v, bias, drop)
         else:
@@ -128,6 +147,31 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) -> (B, N, C)
         return self.proj(out)
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, bias):
+    """FlexAttention with score + bias[0, h, i, j] for a (1, H, N, N) bias: its backward
+    accumulates the bias gradient inside the kernel (no (B, H, N, N) gradient to reduce).
+    Reading the ((2g-1)^2, H) table through the index directly was measured 1.6x slower
+    for the whole step: every query-key pair then adds into a few thousand table entries."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if bias is None:
+        score_mod = None
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx].to(score.dtype)
+    if torch.compiler.is_compiling():
+        fn = flex_attention
+    else:  # eager flex_attention is a slow reference path: compile the call itself
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, score_mod=score_mod, kernel_options=FLEX_KERNEL_OPTIONS)
 
 
 def _naive_attention(q, k, v, bias, drop):

@@ -63,6 +63,22 @@ def test_fast_path_matches_naive_outputs_and_grads():
         assert rel(_flat(g), _flat(ref_g)) < 3e-2, (impl, dtype, rel(_flat(g), _flat(ref_g)))
 
 
+def test_flex_attention_matches_naive_including_bias_grad():
+    torch.manual_seed(0)
+    attn = Attention(256, 4, rel_pos_grid=14).to(DEV)
+    idx = relative_position_index(14, device=DEV)
+    x = torch.randn(4, 196, 256, device=DEV)
+    grads = {}
+    for impl in ("naive", "flex"):
+        attn.zero_grad(set_to_none=True)
+        with attention_impl(impl), torch.autocast("cuda", dtype=torch.bfloat16):
+            y = attn(x, idx, (14, 14))
+        y.float().square().mean().backward()
+        grads[impl] = (y.detach(), attn.relative_position_bias_table.grad.clone(), attn.qkv.weight.grad.clone())
+    for a, b in zip(grads["flex"], grads["naive"]):
+        assert rel(a, b) < 2e-2
+
+
 def test_compiled_blocks_match_eager():
     torch.manual_seed(0)
     model = _clip_model()
