@@ -239,14 +239,15 @@ def _schedule(cfg, total_batch: int, samples_per_epoch: int) -> tuple[Schedule, 
                     weight_decay_end=o["weight_decay_end"]), total_steps
 
 
-def _resume(engine, ckpt: CheckpointManager, cfg, world: int, loader, state: TrainState, ema=None) -> TrainState:
+def _resume(engine, ckpt: CheckpointManager, cfg, world: int, loader, state: TrainState, ema=None,
+            global_batch: int | None = None) -> TrainState:
     found = ckpt.resolve(cfg["checkpoint"]["resume"])
     if found is None:
         return state
     load_dir, tag = found
     meta_world = _saved_world_size(os.path.join(load_dir, tag))
     if meta_world is not None and meta_world != world:
-        return _resume_other_world(engine, load_dir, tag, meta_world, world, loader, ema)
+        return _resume_other_world(engine, load_dir, tag, meta_world, world, loader, ema, global_batch)
     _, client = engine.load_checkpoint(load_dir, tag=tag)
     state = TrainState(step=client["step"], samples=client["samples"], epoch=client["epoch"],
                        best_top1=client.get("best_top1", -1.0))
@@ -259,7 +260,8 @@ def _resume(engine, ckpt: CheckpointManager, cfg, world: int, loader, state: Tra
     return state
 
 
-def _resume_other_world(engine, load_dir: str, tag: str, saved_world: int, world: int, loader, ema) -> TrainState:
+def _resume_other_world(engine, load_dir: str, tag: str, saved_world: int, world: int, loader, ema,
+                        global_batch: int | None) -> TrainState:
     """Resume on a different number of ranks from the checkpoint's consolidated fp32 weights
     (DeepSpeed's zero_to_fp32 reads the master weights out of the optimizer shards). The
     optimizer moments restart from zero; step, samples, schedules and the EMA teacher carry
@@ -286,6 +288,12 @@ def _resume_other_world(engine, load_dir: str, tag: str, saved_world: int, world
     client = torch.load(states[0], map_location="cpu", weights_only=False)
     state = TrainState(step=client["step"], samples=client["samples"], epoch=client["epoch"],
                        best_top1=client.get("best_top1", -1.0))
+    if global_batch and client["samples"] % global_batch == 0:
+        # The schedule is in samples; with another global batch the step counter follows them.
+        state.step = client["samples"] // global_batch
+    elif global_batch:
+        raise ConfigError(f"cannot resume {tag} ({client['samples']} samples seen) with a global batch of "
+                          f"{global_batch}: set optim.total_batch to the original run's global batch")
     loader_state = dict(client["loader"])
     loader_state["step"] = int(loader_state["step"] * saved_world / world)
     loader.load_state_dict(loader_state)
@@ -335,7 +343,7 @@ def run_pretrain(cfg: dict) -> TrainState:
     samples_per_epoch = len(loader) * d["batch_size"] * world
     schedule, total_steps = _schedule(cfg, total_batch, samples_per_epoch)
     ckpt = CheckpointManager(run_dir, cfg["checkpoint"]["keep"], rank, barrier=dist.barrier)
-    state = _resume(engine, ckpt, cfg, world, loader, TrainState(), ema)
+    state = _resume(engine, ckpt, cfg, world, loader, TrainState(), ema, total_batch)
     metrics = MetricLogger(run_dir, rank, cfg["log"]["tensorboard"])
     flops = _pretrain_flops(cfg, teacher)
     log.info("pre-training %s (%s, %d params) on %d ranks, %s, ZeRO-%d, %d checkpointed blocks; %d steps of %d "
@@ -483,6 +491,13 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
     run_dir = cfg["run_dir"]
     setup_logging(rank, run_dir)
     ds_cfg = deepspeed_config(cfg, world)
+    if linprobe:
+        # timm's LARS is not on DeepSpeed's list of ZeRO-tested optimizers. Under ZeRO-1/2 it
+        # would see flat partitions and compute its per-tensor trust ratio over a partition;
+        # the linprobe recipe therefore uses zero0 (the trained head is tiny anyway).
+        if ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0:
+            log.warning("linear probing with ZeRO stage > 0: LARS trust ratios span flat partitions")
+        ds_cfg["zero_allow_untested_optimizer"] = True
     dtype = DTYPES[precision(ds_cfg)]
     if rank == 0:
         write_run_config(cfg, ds_cfg, run_dir)
@@ -522,7 +537,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
     total_batch = ds_cfg["train_batch_size"]
     schedule, total_steps = _schedule(cfg, total_batch, len(loader) * d["batch_size"] * world)
     ckpt = CheckpointManager(run_dir, cfg["checkpoint"]["keep"], rank, barrier=dist.barrier)
-    state = _resume(engine, ckpt, cfg, world, loader, TrainState(), model_ema)
+    state = _resume(engine, ckpt, cfg, world, loader, TrainState(), model_ema, total_batch)
     metrics = MetricLogger(run_dir, rank, cfg["log"]["tensorboard"])
     log.info("%s %s on %d ranks: %d steps of %d samples", "linear probing" if linprobe else "fine-tuning",
              cfg["model"]["variant"], world, total_steps, total_batch)

@@ -58,7 +58,7 @@ def test_zero_stages_match_single_process(tmp_path):
     multi = json.load(open(tmp_path / "z.json"))["losses"]
     ref = json.load(open(tmp_path / "ref.json"))["losses"]["0"]
     assert ref[-1] < ref[0]  # it trains
-    for stage in ("1", "2", "3"):
+    for stage in ("1", "2", "3", "3ckpt"):  # 3ckpt: ZeRO-3 with activation checkpointing
         assert multi[stage] == pytest.approx(ref, rel=1e-4, abs=1e-6), stage
 
 
@@ -94,6 +94,80 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, demo_data):
     out = _pretrain(run, demo_data, "optim.epochs=0.4")
     assert "resumed from" in out.stderr and "step_00000004" in out.stderr
     assert (ck / "step_00000012" / "COMPLETE").is_file()
+
+
+def test_nonfinite_loss_stops_before_saving(tmp_path, demo_data):
+    run = tmp_path / "run"
+    proc = _pretrain(run, demo_data, "optim.lr=1.0e+20", "optim.warmup_epochs=0", "checkpoint.every_steps=1",
+                     "optim.clip_grad=null", check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss" in proc.stderr and "Last good checkpoint" in proc.stderr, proc.stderr[-2000:]
+    import torch
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(run / "checkpoints" / latest / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
+
+
+def test_resume_on_another_number_of_ranks(tmp_path, demo_data):
+    """A fixed global batch of 32: 1 rank x 2 accumulation steps, then 2 ranks x 1."""
+    run = tmp_path / "run"
+    fixed = ["optim.total_batch=32", "optim.epochs=0.4", "checkpoint.every_steps=2"]
+    proc = _pretrain(run, demo_data, *fixed, fault="after_step:3", check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "itpn.cli.pretrain",
+           "--config", "demo", f"run_dir={run}", f"data.train={demo_data / 'train'}", *PIXEL, *fixed]
+    out = _run(cmd, cwd=ROOT)
+    assert "written by 1 ranks, this run has 2" in out.stdout + out.stderr
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows][-3:] == [4, 5, 6]  # continued after step 2 to the end of the schedule
+    assert rows[-1]["samples"] == 6 * 32
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, demo_data):
+    run = tmp_path_factory.mktemp("pre") / "run"
+    _pretrain(run, demo_data, "optim.epochs=0.2")
+    return run
+
+
+def test_exports_load_in_both_layouts(pretrained):
+    import torch
+
+    from itpn.compat import from_official
+    from itpn.engine.build import build_objective
+    from itpn.engine.config import load_config
+
+    ours = torch.load(pretrained / "weights" / "model.pt", weights_only=False)
+    cfg = ours["config"]
+    model = build_objective(cfg)
+    model.load_state_dict(ours["model"])
+    official = from_official(str(pretrained / "weights" / "model_official.pt"), "pixel_mim", img_size=64,
+                             embed_dim=128, mlp_depth=1, depth=4, num_heads=4, fpn_dim=64, fpn_depth=1,
+                             decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, rpe=True)
+    official.pos_embed_quirk = False
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :12] = True
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(official(x, mask)["pred"], model(x, mask)["pred"])
+    assert load_config("demo")["model"]["arch"]["embed_dim"] == 128
+
+
+def test_linprobe_and_eval_commands(tmp_path, pretrained, demo_data):
+    common = [f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}",
+              f"model.init={pretrained / 'weights' / 'model.pt'}", "log.tensorboard=false"]
+    lp = tmp_path / "lp"
+    out = _run([sys.executable, "-m", "itpn.cli.linprobe", "--config", "demo_finetune", f"run_dir={lp}",
+                "optim.epochs=1", "optim.warmup_epochs=0", "optim.layer_decay=null", "data.mixup=0",
+                "deepspeed.fragments=[zero0, fp32]", *common], cwd=ROOT)
+    assert "linear probing" in out.stderr and "top-1" in out.stderr
+    out = _run([sys.executable, "-m", "itpn.cli.eval", "--config", "demo_finetune",
+                *[c for c in common if not c.startswith("model.init")],
+                f"model.init={lp / 'weights' / 'model.pt'}"], cwd=ROOT)
+    assert "(160 images)" in out.stderr
 
 
 def _port():

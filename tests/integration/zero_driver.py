@@ -11,11 +11,12 @@ import torch.distributed as dist
 from itpn.engine.build import build_objective
 from itpn.engine.config import deepspeed_config, load_config
 from itpn.engine.param_groups import param_groups
-from itpn.engine.runner import _engine, _optimizer, init_distributed
+from itpn.engine.runner import _engine, _optimizer, apply_block_options, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
-p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt"],
+               help="ZeRO stages; '3ckpt' is ZeRO-3 with activation checkpointing on every block")
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -24,10 +25,12 @@ rank, world, _, device = init_distributed()
 GLOBAL = 4
 results = {}
 for stage in args.stages:
-    cfg = load_config("demo", [f"deepspeed.fragments=[zero{stage}, fp32]", f"data.batch_size={GLOBAL // world}",
+    cfg = load_config("demo", [f"deepspeed.fragments=[zero{stage[0]}, fp32]", f"data.batch_size={GLOBAL // world}",
                                "optim.clip_grad=null"])
     torch.manual_seed(0)
     objective = build_objective(cfg)  # no teacher: fixed targets below
+    if stage.endswith("ckpt"):
+        assert apply_block_options(objective, 1, True, False) > 0
     opt = _optimizer(param_groups(objective, 0.05), cfg, device)
     for g in opt.param_groups:
         g["lr"] = 1e-3
