@@ -351,6 +351,8 @@ def run_pretrain(cfg: dict) -> TrainState:
              n_params, world, prec, engine.zero_optimization_stage(), n_ckpt,
              total_steps, total_batch, samples_per_epoch)
 
+    last: dict = {}
+
     def step_fn(batch):
         x = batch["image"].to(device, dtype, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
@@ -361,9 +363,18 @@ def run_pretrain(cfg: dict) -> TrainState:
             out = engine(x, mask, targets=targets)
         else:
             out = engine(x, mask)
+            last.update(x=x, pred=out["pred"], mask=mask)
         return {k: v for k, v in out.items() if k.startswith("loss")}
 
     def after_step(st: TrainState):
+        every = cfg["log"]["image_every_steps"]
+        if rank == 0 and last and every and st.step % every == 0:
+            from ..data import IMAGENET_MEAN, IMAGENET_STD
+            from .visual import mim_grid
+            grid = mim_grid(last["x"], last["pred"].detach(), last["mask"], backbone_config(cfg).patch_size,
+                            IMAGENET_MEAN, IMAGENET_STD, cfg["objective"]["norm_pix_loss"])
+            metrics.image(st.step, "pixel_mim/masked_reconstruction_original", grid)
+        last.clear()
         if ema is not None:
             m = momentum_schedule(st.step, total_steps, cfg["objective"]["ema_momentum"],
                                   cfg["objective"]["ema_momentum_final"])
