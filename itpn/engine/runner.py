@@ -183,8 +183,11 @@ def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, o
         if state.step % log_every == 0 or state.step == total_steps or should_save:
             _check_finite(bad, state.step, ckpt)
         if state.step % log_every == 0 or state.step == total_steps:
-            n = max(state.step - meter.step0, 1) * accum
-            values = {k: v.item() / n for k, v in sums.items()}
+            n = max(state.step - meter.step0, 1) * accum * world
+            keys = sorted(sums)
+            stacked = torch.stack([sums[k] for k in keys])
+            dist.all_reduce(stacked)  # one collective: the logged losses are means over all ranks
+            values = dict(zip(keys, (stacked / n).tolist()))
             thr = meter.window(state.step)
             values.update(lr=lr, wd=wd, epoch=state.epoch, samples=state.samples, **thr)
             gn = engine.get_global_grad_norm()
