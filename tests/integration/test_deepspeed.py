@@ -54,12 +54,15 @@ def test_zero_stages_match_single_process(tmp_path):
     _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), driver, "--out", str(tmp_path / "z.json")],
          cwd=ROOT)
     _run([DEEPSPEED, "--num_gpus", "1", "--master_port", str(_port()), driver, "--out", str(tmp_path / "ref.json"),
-          "--stages", "0"], cwd=ROOT)
+          "--stages", "0", "0ema"], cwd=ROOT)
     multi = json.load(open(tmp_path / "z.json"))["losses"]
-    ref = json.load(open(tmp_path / "ref.json"))["losses"]["0"]
+    refs = json.load(open(tmp_path / "ref.json"))["losses"]
+    ref = refs["0"]
     assert ref[-1] < ref[0]  # it trains
     for stage in ("1", "2", "3", "3ckpt"):  # 3ckpt: ZeRO-3 with activation checkpointing
         assert multi[stage] == pytest.approx(ref, rel=1e-4, abs=1e-6), stage
+    # Pixel MIM + EMA-MFM: losses and the EMA weights after 4 updates, ZeRO-3 on 2 ranks vs 1 process.
+    assert multi["3ema"] == pytest.approx(refs["0ema"], rel=1e-4), (multi["3ema"], refs["0ema"])
 
 
 def _pretrain(run_dir, data, *extra, fault=None, check=True):

@@ -15,8 +15,9 @@ from itpn.engine.runner import _engine, _optimizer, apply_block_options, init_di
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
-p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt"],
-               help="ZeRO stages; '3ckpt' is ZeRO-3 with activation checkpointing on every block")
+p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3ema"],
+               help="ZeRO stages; '3ckpt': ZeRO-3 with activation checkpointing on every block; "
+                    "'Nema': pixel MIM + EMA-teacher MFM, the EMA updated through ZeRO gathers")
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -25,8 +26,10 @@ rank, world, _, device = init_distributed()
 GLOBAL = 4
 results = {}
 for stage in args.stages:
+    pixel = ["objective.kind=pixel", "objective.mfm_weight=0.3", "objective.decoder_dim=64",
+             "objective.decoder_depth=1", "objective.decoder_heads=4"] if stage.endswith("ema") else []
     cfg = load_config("demo", [f"deepspeed.fragments=[zero{stage[0]}, fp32]", f"data.batch_size={GLOBAL // world}",
-                               "optim.clip_grad=null"])
+                               "optim.clip_grad=null", *pixel])
     torch.manual_seed(0)
     objective = build_objective(cfg)  # no teacher: fixed targets below
     if stage.endswith("ckpt"):
@@ -39,15 +42,25 @@ for stage in args.stages:
     x = torch.randn(GLOBAL, 3, 64, 64, generator=g)
     mask = torch.rand(GLOBAL, 16, generator=g) < 0.4
     targets = torch.randn(GLOBAL, 16, 512, generator=g)
+    if pixel:  # exactly 12 of 16 patches masked per sample
+        mask = torch.rand(GLOBAL, 16, generator=g).argsort(1) < 12
     part = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
+    gather = None
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+        gather = lambda ps: deepspeed.zero.GatheredParameters(ps)  # noqa: E731
     losses = []
     for _ in range(args.steps):
-        out = engine(x[part], mask[part], targets=targets[part])
+        out = engine(x[part], mask[part]) if pixel else engine(x[part], mask[part], targets=targets[part])
         engine.backward(out["loss"])
         engine.step()
+        if pixel:
+            objective.ema.update(engine.module.encoder, 0.5, gather)
         loss = out["loss"].detach().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
+    if pixel:  # a fingerprint of the EMA weights after the last update
+        losses.append(sum(p.double().square().sum().item() for p in objective.ema.module.parameters()))
     results[stage] = losses
     del engine
 if rank == 0:
