@@ -78,6 +78,9 @@ def parse_override(text: str) -> dict:
 
 def load_config(recipe: str | None, overrides: list[str] = ()) -> dict:
     """defaults.yaml <- recipe (which may name a ``base`` recipe of its own) <- overrides."""
+    if not (CONFIG_DIR / "defaults.yaml").is_file():
+        raise ConfigError(f"no configs/defaults.yaml at {CONFIG_DIR}: install from a checkout (pip install -e .) "
+                          f"or point ITPN_CONFIG_DIR / ITPN_DS_CONFIG_DIR at the repository's configs/ and ds_configs/")
     cfg = _load_yaml(CONFIG_DIR / "defaults.yaml")
     layers: list[tuple[dict, str]] = []
     seen = set()
