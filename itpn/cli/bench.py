@@ -146,10 +146,13 @@ class Timer:
 
 
 def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
-                split: bool = True, profile: str | None = None) -> dict:
+                split: bool = True, profile: str | None = None, ckpt_every: int = 0) -> dict:
     dtype = DTYPES[setting["dtype"]]
     teacher = build_teacher(cfg, dtype, device)
     model = build_objective(cfg, teacher).to(device).train()
+    if ckpt_every:
+        from ..engine.runner import apply_block_options
+        apply_block_options(model, ckpt_every, True, False)
     pixel = cfg["objective"]["kind"] == "pixel"
     if setting["compile"]:
         for module in model.modules():
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results here (JSON lines)")
     parser.add_argument("--profile", help="write a kernel table (3 profiled steps of the last setting) here")
+    parser.add_argument("--ckpt-every", type=int, default=0,
+                        help="activation checkpointing on every k-th block of the student (0: off)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     last = name == args.ladder[-1] and b == args.batch[-1]
                     r = run_setting(cfg, name, LADDER[name], b, args.steps, warm, device,
-                                    profile=args.profile if last else None)
+                                    profile=args.profile if last else None, ckpt_every=args.ckpt_every)
                 except torch.OutOfMemoryError:
                     r = dict(setting=name, batch=b, oom=True)
                     gc.collect()
