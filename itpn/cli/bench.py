@@ -37,7 +37,7 @@ import torch
 
 from ..layers import attention_impl
 from ..engine.build import backbone_config, build_objective, build_teacher
-from ..engine.config import load_config
+from ..engine.config import DTYPES, load_config
 from ..models.flops import count_train_flops, vit_forward_flops
 
 
@@ -68,7 +68,6 @@ LADDER = {
     "compile": dict(attn="sdpa", dtype="bf16", fused=True, compile=True),
     "flex": dict(attn="flex", dtype="bf16", fused=True, compile=True),
 }
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def make_batch(cfg: dict, batch: int, device):

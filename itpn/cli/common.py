@@ -38,3 +38,21 @@ def parse(task: str, argv: list[str] | None, default_recipe: str) -> dict:
         print(f"itpn-{task}: configuration OK")
         raise SystemExit(0)
     return cfg
+
+
+#: task -> the recipe used when --config is not given.
+DEFAULT_RECIPES = {"pretrain": "clip_b16_300e", "finetune": "finetune_b", "linprobe": "linprobe",
+                   "eval": "finetune_b"}
+
+
+def run_task(task: str, argv: list[str] | None = None) -> int:
+    """Parse, check, and run one of the training commands."""
+    cfg = parse(task, argv, DEFAULT_RECIPES[task])
+    from ..engine import runner
+    if task == "pretrain":
+        runner.run_pretrain(cfg)
+    elif task in ("finetune", "linprobe"):
+        runner.run_finetune(cfg, linprobe=task == "linprobe")
+    else:
+        runner.run_eval(cfg)
+    return 0

@@ -10,13 +10,11 @@ never leaves a truncated OUT behind.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-import torch
 
 from ..compat.convert import (KINDS, is_official, load_checkpoint_file, official_depths, official_to_ours,
                               ours_to_official)
+from ..engine.checkpoint import atomic_torch_save
 
 
 def _our_depths(sd: dict, kind: str) -> tuple[int, int, int]:
@@ -27,12 +25,6 @@ def _our_depths(sd: dict, kind: str) -> tuple[int, int, int]:
     if not all(count.values()):
         raise ValueError(f"not our {kind} layout: stage block counts {count}")
     return count["stage1"], count["stage2"], count["blocks"]
-
-
-def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.src} is already in the official layout")
         depths = _our_depths(sd, args.kind)
         out = ours_to_official(sd, args.kind, depths)
-    atomic_save({"model": out}, args.dst)
+    atomic_torch_save({"model": out}, args.dst)
     print(f"wrote {len(out)} tensors ({args.kind}, depths {depths}) to {args.dst}")
     return 0
 

@@ -10,24 +10,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from ..engine.config import ConfigError, load_config
 from ..engine.preflight import preflight
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..engine.runner import free_port
 
 
 def _launch(module: str, recipe: str, overrides: list[str], ranks: int) -> None:
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_port()), "--module", module,
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", module,
            "--config", recipe, *overrides]
     print("+ " + " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

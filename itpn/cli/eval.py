@@ -1,17 +1,14 @@
-"""``itpn-eval``: a thin entry point; the work is in itpn.engine.runner."""
+"""``itpn-eval`` (also ``deepspeed --module itpn.cli.eval``): a thin entry point."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import parse
+from .common import run_task
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse("eval", argv, "finetune_b")
-    from ..engine.runner import run_eval
-    run_eval(cfg)
-    return 0
+    return run_task("eval", argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
-"""``itpn-finetune``: a thin entry point; the work is in itpn.engine.runner."""
+"""``itpn-finetune`` (also ``deepspeed --module itpn.cli.finetune``): a thin entry point."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import parse
+from .common import run_task
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse("finetune", argv, "finetune_b")
-    from ..engine.runner import run_finetune
-    run_finetune(cfg)
-    return 0
+    return run_task("finetune", argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
-"""``itpn-linprobe``: a thin entry point; the work is in itpn.engine.runner."""
+"""``itpn-linprobe`` (also ``deepspeed --module itpn.cli.linprobe``): a thin entry point."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import parse
+from .common import run_task
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse("linprobe", argv, "linprobe")
-    from ..engine.runner import run_finetune
-    run_finetune(cfg, linprobe=True)
-    return 0
+    return run_task("linprobe", argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
-"""``itpn-pretrain``: a thin entry point; the work is in itpn.engine.runner."""
+"""``itpn-pretrain`` (also ``deepspeed --module itpn.cli.pretrain``): a thin entry point."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import parse
+from .common import run_task
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse("pretrain", argv, "clip_b16_300e")
-    from ..engine.runner import run_pretrain
-    run_pretrain(cfg)
-    return 0
+    return run_task("pretrain", argv)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import re
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ..layers import relative_position_index, resize_rel_pos_table
+from ..models.hivit import resize_pos_embed
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,8 @@ def resize_position_tables(sd: dict[str, torch.Tensor], own: Mapping[str, torch.
         if value.shape == want:
             continue
         if key.endswith("pos_embed") and value.ndim == 3:
-            g_old, g_new = int(round(value.shape[1] ** 0.5)), int(round(want[1] ** 0.5))
-            pos = value.reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
-            pos = F.interpolate(pos.float(), size=(g_new, g_new), mode="bicubic", align_corners=False)
-            out[key] = pos.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1).to(value.dtype)
+            g_new = int(round(want[1] ** 0.5))
+            out[key] = resize_pos_embed(value, (g_new, g_new))
         elif key.endswith("relative_position_bias_table"):
             out[key] = resize_rel_pos_table(value, (int(round(want[0] ** 0.5)) + 1) // 2)
         log.info("resized %s from %s to %s", key, tuple(value.shape), tuple(out[key].shape))

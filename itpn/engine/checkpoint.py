@@ -19,6 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from .faults import maybe_die
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,13 @@ def _atomic_write(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,6 +158,9 @@ def deepspeed_config(cfg: dict, world_size: int) -> dict:
     if n_prec > 1:
         raise ConfigError(f"deepspeed.fragments {cfg['deepspeed']['fragments']} enable both bf16 and fp16")
     return ds
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def precision(ds: dict) -> str:

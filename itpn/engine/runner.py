@@ -7,6 +7,7 @@ resume, the loop, checkpoints, export. The loop itself (``train_loop``) is short
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,15 +27,14 @@ from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (backbone_config, build_classifier, build_objective, build_teacher, finetune_augment,
                     pretrain_augment)
-from .checkpoint import CheckpointManager
-from .config import ConfigError, deepspeed_config, precision, write_run_config
+from .checkpoint import CheckpointManager, atomic_torch_save
+from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
 from .faults import maybe_die
 from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
 from .param_groups import param_groups
 from .schedules import Schedule, scaled_lr
 
 log = logging.getLogger("itpn.engine")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -43,7 +43,7 @@ class NonFiniteLoss(RuntimeError):
 
 # ----------------------------------------------------------------------------- setup
 
-def _free_port() -> int:
+def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -57,7 +57,7 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     accel = get_accelerator()
     backend = "nccl" if accel.device_name() == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
@@ -280,7 +280,7 @@ def _resume_other_world(engine, load_dir: str, tag: str, saved_world: int, world
     module = engine.module
     params = list(module.parameters())
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if engine.zero_optimization_stage() == 3 \
-        else _null()
+        else contextlib.nullcontext()
     with ctx:
         missing, unexpected = module.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("pos_embed") or k in sd]
@@ -425,7 +425,8 @@ def export_weights(engine, cfg, run_dir: str, rank: int) -> None:
 
     module = engine.module
     params = list(module.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 else _null()
+    ctx = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 \
+        else contextlib.nullcontext()
     with ctx:
         if rank == 0:
             sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
@@ -434,32 +435,21 @@ def export_weights(engine, cfg, run_dir: str, rank: int) -> None:
         return
     out = os.path.join(run_dir, "weights")
     os.makedirs(out, exist_ok=True)
-    _atomic_torch_save({"model": sd, "config": cfg}, os.path.join(out, "model.pt"))
+    atomic_torch_save({"model": sd, "config": cfg}, os.path.join(out, "model.pt"))
     if cfg["checkpoint"]["export_official"]:
-        kind = {"clip": "clip_distill", "pixel": "pixel_mim", None: "classifier"}[
-            cfg["objective"]["kind"] if cfg["task"] == "pretrain" else None]
+        kind = "classifier"
+        if cfg["task"] == "pretrain":
+            kind = {"clip": "clip_distill", "pixel": "pixel_mim"}[cfg["objective"]["kind"]]
         depths = backbone_config(cfg).depths
         try:
             off = ours_to_official({k: v for k, v in sd.items() if not k.startswith("mfm_heads")}, kind, depths)
-            _atomic_torch_save({"model": off}, os.path.join(out, "model_official.pt"))
+            atomic_torch_save({"model": off}, os.path.join(out, "model_official.pt"))
         except KeyError as e:
             log.warning("official export skipped: %s", e)
     log.info("exported consolidated fp32 weights to %s", out)
     dist.barrier()
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:

@@ -133,13 +133,7 @@ class HiViT(nn.Module):
 
     def pos_embed_for(self, grid: tuple[int, int], ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Absolute position embedding for a grid: (1, N, C), or (B, n, C) gathered at ids_keep."""
-        pos = self.pos_embed
-        g = self.grid_size
-        if tuple(grid) != (g, g):
-            # (1, N, C) -> (1, C, g, g) -> bicubic to (Hp, Wp) -> (1, Hp*Wp, C)
-            pos = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-            pos = F.interpolate(pos, size=tuple(grid), mode="bicubic", align_corners=False)
-            pos = pos.permute(0, 2, 3, 1).flatten(1, 2)
+        pos = resize_pos_embed(self.pos_embed, grid)
         if ids_keep is not None:
             pos = pos.expand(ids_keep.shape[0], -1, -1).gather(
                 1, ids_keep[:, :, None].expand(-1, -1, pos.shape[-1]))  # (B, n, C)
@@ -214,6 +208,17 @@ class HiViT(nn.Module):
             return {"stage1": 1, "merge1": 2, "stage2": 2, "merge2": 3, "blocks": 3}[head]
 
         return layer_id
+
+
+def resize_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
+    """Bicubically resample a square (1, g*g, C) position table to a (Hp, Wp) grid."""
+    g = int(round(pos.shape[1] ** 0.5))
+    if tuple(grid) == (g, g):
+        return pos
+    # (1, N, C) -> (1, C, g, g) -> bicubic to (Hp, Wp) -> (1, Hp*Wp, C)
+    x = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    x = F.interpolate(x.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)
 
 
 def linear_drop_path(rate: float, n: int) -> list[float]:
