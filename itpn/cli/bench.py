@@ -36,7 +36,7 @@ import time
 import torch
 
 from ..layers import attention_impl
-from ..engine.build import backbone_config, build_objective, build_teacher
+from ..engine.build import apply_block_options, backbone_config, build_objective, build_teacher
 from ..engine.config import DTYPES, load_config
 from ..models.flops import count_train_flops, vit_forward_flops
 
@@ -149,14 +149,8 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
     dtype = DTYPES[setting["dtype"]]
     teacher = build_teacher(cfg, dtype, device)
     model = build_objective(cfg, teacher).to(device).train()
-    if ckpt_every:
-        from ..engine.runner import apply_block_options
-        apply_block_options(model, ckpt_every, True, False)
+    apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"])
     pixel = cfg["objective"]["kind"] == "pixel"
-    if setting["compile"]:
-        for module in model.modules():
-            if module.__class__.__name__ == "Block":
-                module.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
                             fused=setting["fused"] and device.type == "cuda",

@@ -74,3 +74,20 @@ def finetune_augment(cfg: dict):
     from ..data import FinetuneAugment
     d, bcfg = cfg["data"], backbone_config(cfg)
     return FinetuneAugment(input_size=bcfg.img_size, auto_augment=d["rand_aug"], re_prob=d["reprob"])
+
+
+def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool,
+                        compile_options: dict | None = None) -> int:
+    """Activation checkpointing on every ``every``-th block and/or torch.compile per block
+    (``Block.compile``: the checkpoint wrapper stays outside the compiled region).
+    Returns how many blocks are checkpointed."""
+    from ..layers import Block
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    n = 0
+    for i, blk in enumerate(blocks):
+        if enable_ckpt and i % max(every, 1) == 0:
+            blk.grad_checkpointing = True
+            n += 1
+        if compile_blocks:
+            blk.compile(**(compile_options or {}))
+    return n

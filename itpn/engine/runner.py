@@ -25,8 +25,8 @@ from ..data import build_eval_loader, build_finetune_loader, build_pretrain_load
 from ..data.mixup import build_criterion, build_mixup
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
-from .build import (backbone_config, build_classifier, build_objective, build_teacher, finetune_augment,
-                    pretrain_augment)
+from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
+                    finetune_augment, pretrain_augment)
 from .checkpoint import CheckpointManager, atomic_torch_save
 from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
 from .faults import maybe_die
@@ -89,21 +89,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool) -> int:
-    """Activation checkpointing on every ``every``-th block and/or torch.compile per block.
-    Returns how many blocks are checkpointed."""
-    from ..layers import Block
-    blocks = [m for m in module.modules() if isinstance(m, Block)]
-    n = 0
-    for i, blk in enumerate(blocks):
-        if enable_ckpt and i % max(every, 1) == 0:
-            blk.grad_checkpointing = True
-            n += 1
-        if compile_blocks:
-            blk.compile()
-    return n
 
 
 @dataclass

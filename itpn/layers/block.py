@@ -42,6 +42,17 @@ class Block(nn.Module):
         # set_grad_checkpointing or by the engine for every k-th block.
         self.grad_checkpointing = False
 
+    def compile(self, *args, **kwargs) -> None:
+        """Regional compilation of the block's computation (``_forward``).
+
+        Unlike ``nn.Module.compile``, the compiled region excludes the checkpointing
+        wrapper: with ``grad_checkpointing`` on, ``torch.utils.checkpoint`` runs in eager
+        around the compiled function and replays it on the backward, so dynamo never has
+        to trace the checkpoint (on torch 2.11 tracing it failed inside the region). All
+        blocks of one shape share one graph (same code object, parameters as inputs).
+        """
+        self._forward = torch.compile(self._forward, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
                 rel_grid: tuple[int, int] | None = None) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from itpn.engine.build import build_objective
 from itpn.engine.config import deepspeed_config, load_config
 from itpn.engine.param_groups import param_groups
-from itpn.engine.runner import _engine, _optimizer, apply_block_options, init_distributed
+from itpn.engine.build import apply_block_options
+from itpn.engine.runner import _engine, _optimizer, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
