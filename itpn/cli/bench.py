@@ -15,6 +15,10 @@ settings so that every speed-up is a ratio measured in the same run:
 
 It reports img/s, achieved TFLOP/s, MFU against a bf16 matmul peak measured in the same
 run, peak memory, and the split between teacher, student forward/backward and optimizer.
+``--data SHARDS`` adds, for each setting, the same step fed by the real loader (the
+recipe's augmentation and masking, worker processes, pinned non-blocking copies, uint8
+batches normalised on the device) and the loader's own rate without a model, so the cost
+of input is a ratio measured in the same run.
 ``--infer`` times classifier inference at 224 px (the paper's throughput table) for iTPN
 and a plain timm ViT of the same size.
 
@@ -144,8 +148,33 @@ class Timer:
         return False
 
 
+def loader_batches(loader, device, dtype):
+    """(x, mask, teacher view) from the real loader, forever (epoch after epoch)."""
+    while True:
+        for raw in loader:
+            b = loader.to_device(raw, device)
+            yield b["image"].to(dtype), b["mask"], b.get("teacher_image")
+
+
+def build_bench_loader(cfg: dict, data: str, batch: int, workers: int, device):
+    from ..data import build_pretrain_loader
+    from ..engine.build import pretrain_augment
+    return build_pretrain_loader(data, batch, pretrain_augment(cfg), num_workers=workers, seed=0,
+                                 pin_memory=device.type == "cuda")
+
+
+def time_loader(loader, device, steps: int, warmup: int) -> float:
+    """Images/s of the loader alone (decode, augment, copy, normalise on the device)."""
+    it = loader_batches(loader, device, torch.float32)
+    for _ in range(warmup):
+        next(it)
+    with Timer(device) as t:
+        n = sum(next(it)[0].shape[0] for _ in range(steps))
+    return n / t.seconds
+
+
 def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
-                split: bool = True, profile: str | None = None, ckpt_every: int = 0) -> dict:
+                split: bool = True, profile: str | None = None, ckpt_every: int = 0, loader=None) -> dict:
     dtype = DTYPES[setting["dtype"]]
     teacher = build_teacher(cfg, dtype, device)
     model = build_objective(cfg, teacher).to(device).train()
@@ -156,16 +185,23 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
                             fused=setting["fused"] and device.type == "cuda",
                             foreach=False if not setting["fused"] else None)
     scaler = torch.amp.GradScaler(device.type, enabled=setting["dtype"] == "fp16")
-    x, mask, tview = make_batch(cfg, batch, device)
+    if loader is None:
+        fixed = make_batch(cfg, batch, device)
+        batches = iter(lambda: fixed, None)
+    else:
+        batches = loader_batches(loader, device, torch.float32)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=setting["dtype"] != "fp32")
+    current = {}
 
     def teacher_fwd():
+        current["x"], current["mask"], tview = next(batches)
         if teacher is None:
             return None
         with torch.no_grad(), autocast:
             return teacher(tview)
 
     def student_fwd_bwd(targets):
+        x, mask = current["x"], current["mask"]
         with autocast:
             out = model(x, mask) if pixel else model(x, mask, targets=targets)
         scaler.scale(out["loss"]).backward()

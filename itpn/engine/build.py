@@ -67,13 +67,22 @@ def pretrain_augment(cfg: dict):
     return PretrainAugment(input_size=bcfg.img_size, patch_size=bcfg.patch_size,
                            teacher_size=cfg["teacher"]["image_size"] if cfg["objective"]["kind"] == "clip" else None,
                            scale=tuple(d["scale"]), color_jitter=d["color_jitter"], mask=d["mask_kind"],
-                           mask_ratio=d["mask_ratio"])
+                           mask_ratio=d["mask_ratio"], normalize=d["normalize"])
 
 
 def finetune_augment(cfg: dict):
     from ..data import FinetuneAugment
     d, bcfg = cfg["data"], backbone_config(cfg)
-    return FinetuneAugment(input_size=bcfg.img_size, auto_augment=d["rand_aug"], re_prob=d["reprob"])
+    return FinetuneAugment(input_size=bcfg.img_size, auto_augment=d["rand_aug"], re_prob=d["reprob"],
+                           normalize=d["normalize"])
+
+
+def build_val_loader(cfg: dict, rank: int, world: int, device: torch.device):
+    from ..data import build_eval_loader
+    d = cfg["data"]
+    return build_eval_loader(d["val"], d["batch_size"], input_size=backbone_config(cfg).img_size,
+                             crop_pct=d["crop_pct"], normalize=d["normalize"], rank=rank, world_size=world,
+                             num_workers=d["num_workers"], pin_memory=device.type == "cuda")
 
 
 def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool,

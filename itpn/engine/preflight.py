@@ -38,6 +38,8 @@ def preflight(cfg: dict, world_size: int) -> dict:
         _check_shards(cfg["data"]["train"], "data.train")
     if cfg["task"] in ("finetune", "linprobe", "eval") and cfg["data"]["val"]:
         _check_shards(cfg["data"]["val"], "data.val")
+    if cfg["data"]["normalize"] not in ("device", "worker"):
+        raise ConfigError(f"data.normalize must be 'device' or 'worker', got {cfg['data']['normalize']!r}")
     if cfg["task"] == "eval" and not cfg["data"]["val"]:
         raise ConfigError("evaluation needs data.val")
     if cfg["task"] == "pretrain" and cfg["objective"]["kind"] == "clip":

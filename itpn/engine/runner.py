@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import build_eval_loader, build_finetune_loader, build_pretrain_loader
+from ..data import build_finetune_loader, build_pretrain_loader
 from ..data.mixup import build_criterion, build_mixup
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
-                    finetune_augment, pretrain_augment)
+                    build_val_loader, finetune_augment, pretrain_augment)
 from .checkpoint import CheckpointManager, atomic_torch_save
 from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
 from .faults import maybe_die
@@ -207,11 +207,18 @@ def _engine(module, cfg, ds_cfg, optimizer):
     return engine
 
 
-def _optimizer(groups, cfg, device, lars: bool = False):
+def _optimizer(groups, cfg, device, ds_cfg: dict, lars: bool = False):
     o = cfg["optim"]
     if lars:
         from timm.optim import Lars
         return Lars(groups, lr=0.0, momentum=0.9, weight_decay=o["weight_decay"])
+    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload == "cpu":
+        # ZeRO-Offload steps the optimizer on the host: DeepSpeed's vectorised CPU AdamW
+        # (torch's AdamW there would be several times slower, and DeepSpeed refuses it).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=0.0, betas=tuple(o["betas"]), eps=o["eps"],
+                                weight_decay=o["weight_decay"], adamw_mode=True)
     fused = bool(o["fused"]) and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
                              fused=fused or None, foreach=None if fused else True)
@@ -313,7 +320,7 @@ def run_pretrain(cfg: dict) -> TrainState:
     n_ckpt = apply_block_options(objective, cfg["deepspeed"]["checkpoint_every"],
                                  cfg["deepspeed"]["activation_checkpointing"], cfg["deepspeed"]["compile"])
     n_params = sum(p.numel() for p in objective.parameters())
-    optimizer = _optimizer(param_groups(objective, cfg["optim"]["weight_decay"]), cfg, device)
+    optimizer = _optimizer(param_groups(objective, cfg["optim"]["weight_decay"]), cfg, device, ds_cfg)
     engine = _engine(objective, cfg, ds_cfg, optimizer)
     ema = getattr(objective, "ema", None)
     if ema is not None:
@@ -342,12 +349,11 @@ def run_pretrain(cfg: dict) -> TrainState:
     last: dict = {}
 
     def step_fn(batch):
-        x = batch["image"].to(device, dtype, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
+        batch = loader.to_device(batch, device)  # pinned, non-blocking; normalises uint8 batches
+        x, mask = batch["image"].to(dtype), batch["mask"]
         if cfg["objective"]["kind"] == "clip":
-            tview = batch["teacher_image"].to(device, non_blocking=True)
             with torch.no_grad():
-                targets = teacher(tview)
+                targets = teacher(batch["teacher_image"])
             out = engine(x, mask, targets=targets)
         else:
             out = engine(x, mask)
@@ -455,10 +461,9 @@ def evaluate(model, loader, device, dtype) -> dict:
     stats = torch.zeros(3, device=device)  # correct@1, correct@5, count
     with torch.no_grad():
         for batch in loader:
-            x = batch["image"].to(device, dtype, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            valid = batch["valid"].to(device, non_blocking=True)
-            logits = model(x).float()
+            batch = loader.to_device(batch, device)
+            y, valid = batch["label"], batch["valid"]
+            logits = model(batch["image"].to(dtype)).float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top5 == y[:, None]
             stats[0] += (hit[:, 0] & valid).sum()
@@ -506,7 +511,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
         apply_block_options(model, cfg["deepspeed"]["checkpoint_every"], cfg["deepspeed"]["activation_checkpointing"],
                             cfg["deepspeed"]["compile"])
         groups = param_groups(model, cfg["optim"]["weight_decay"], cfg["optim"]["layer_decay"])
-    optimizer = _optimizer(groups, cfg, device, lars=linprobe)
+    optimizer = _optimizer(groups, cfg, device, ds_cfg, lars=linprobe)
     engine = _engine(model, cfg, ds_cfg, optimizer)
     model_ema = None
     if cfg["optim"]["model_ema"] and not linprobe:
@@ -517,9 +522,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
     loader = build_finetune_loader(d["train"], d["batch_size"], aug, rank=rank, world_size=world,
                                    num_workers=d["num_workers"], seed=cfg["seed"], epoch_length=d["epoch_samples"],
                                    pin_memory=device.type == "cuda")
-    val = build_eval_loader(d["val"], d["batch_size"], input_size=backbone_config(cfg).img_size,
-                            crop_pct=d["crop_pct"], rank=rank, world_size=world, num_workers=d["num_workers"]) \
-        if d["val"] else None
+    val = build_val_loader(cfg, rank, world, device) if d["val"] else None
     mixup = None if linprobe else build_mixup(cfg["model"]["num_classes"], d["mixup"], d["cutmix"],
                                               label_smoothing=d["smoothing"])
     criterion = build_criterion(mixup, 0.0 if linprobe else d["smoothing"])
@@ -532,8 +535,8 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
              cfg["model"]["variant"], world, total_steps, total_batch)
 
     def step_fn(batch):
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
+        batch = loader.to_device(batch, device)
+        x, y = batch["image"], batch["label"]
         if mixup is not None:
             x, y = mixup(x, y)
         logits = engine(x.to(dtype))
@@ -581,9 +584,7 @@ def run_eval(cfg: dict) -> dict:
     model = build_classifier(cfg)
     load_init_weights(model, cfg["model"]["init"])
     model.to(device)
-    d = cfg["data"]
-    val = build_eval_loader(d["val"], d["batch_size"], input_size=backbone_config(cfg).img_size,
-                            crop_pct=d["crop_pct"], rank=rank, world_size=world, num_workers=d["num_workers"])
+    val = build_val_loader(cfg, rank, world, device)
     result = evaluate(model, val, device, torch.float32)
     log.info("top-1 %.2f top-5 %.2f (%d images)", result["top1"], result["top5"], result["count"])
     return result

@@ -59,7 +59,7 @@ def test_zero_stages_match_single_process(tmp_path):
     refs = json.load(open(tmp_path / "ref.json"))["losses"]
     ref = refs["0"]
     assert ref[-1] < ref[0]  # it trains
-    for stage in ("1", "2", "3", "3ckpt"):  # 3ckpt: ZeRO-3 with activation checkpointing
+    for stage in ("1", "2", "3", "3ckpt", "3offload"):  # + activation checkpointing; + offload to the host
         assert multi[stage] == pytest.approx(ref, rel=1e-4, abs=1e-6), stage
     # Pixel MIM + EMA-MFM: losses and the EMA weights after 4 updates, ZeRO-3 on 2 ranks vs 1 process.
     assert multi["3ema"] == pytest.approx(refs["0ema"], rel=1e-4), (multi["3ema"], refs["0ema"])
@@ -202,6 +202,7 @@ def test_two_node_loopback_without_ssh(tmp_path, demo_data):
     ("optim.total_batch=100", "not a multiple"),
     ("data.train=/nonexistent/shards", "data.train=/nonexistent/shards: no such folder"),
     ("teacher.weights=/nonexistent/clip.pt", "teacher.weights=/nonexistent/clip.pt: file not found"),
+    ("data.normalize=gpu", "data.normalize must be 'device' or 'worker', got 'gpu'"),
 ])
 def test_bad_config_fails_before_training(override, message, demo_data):
     cmd = [sys.executable, "-m", "itpn.cli.pretrain", "--config", "demo", f"data.train={demo_data / 'train'}", override]

@@ -8,16 +8,16 @@ import json
 import torch
 import torch.distributed as dist
 
-from itpn.engine.build import build_objective
+from itpn.engine.build import apply_block_options, build_objective
 from itpn.engine.config import deepspeed_config, load_config
 from itpn.engine.param_groups import param_groups
-from itpn.engine.build import apply_block_options
 from itpn.engine.runner import _engine, _optimizer, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
-p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3ema"],
+p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3offload", "3ema"],
                help="ZeRO stages; '3ckpt': ZeRO-3 with activation checkpointing on every block; "
+                    "'3offload': ZeRO-3 with parameters and optimizer offloaded to the host (CPU AdamW); "
                     "'Nema': pixel MIM + EMA-teacher MFM, the EMA updated through ZeRO gathers")
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--local_rank", type=int, default=0)
@@ -29,16 +29,18 @@ results = {}
 for stage in args.stages:
     pixel = ["objective.kind=pixel", "objective.mfm_weight=0.3", "objective.decoder_dim=64",
              "objective.decoder_depth=1", "objective.decoder_heads=4"] if stage.endswith("ema") else []
-    cfg = load_config("demo", [f"deepspeed.fragments=[zero{stage[0]}, fp32]", f"data.batch_size={GLOBAL // world}",
+    zero = "zero3_offload" if stage.endswith("offload") else f"zero{stage[0]}"
+    cfg = load_config("demo", [f"deepspeed.fragments=[{zero}, fp32]", f"data.batch_size={GLOBAL // world}",
                                "optim.clip_grad=null", *pixel])
     torch.manual_seed(0)
     objective = build_objective(cfg)  # no teacher: fixed targets below
     if stage.endswith("ckpt"):
         assert apply_block_options(objective, 1, True, False) > 0
-    opt = _optimizer(param_groups(objective, 0.05), cfg, device)
+    ds_cfg = deepspeed_config(cfg, world)
+    opt = _optimizer(param_groups(objective, 0.05), cfg, device, ds_cfg)
     for g in opt.param_groups:
         g["lr"] = 1e-3
-    engine = _engine(objective, cfg, deepspeed_config(cfg, world), opt)
+    engine = _engine(objective, cfg, ds_cfg, opt)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(GLOBAL, 3, 64, 64, generator=g)
     mask = torch.rand(GLOBAL, 16, generator=g) < 0.4
