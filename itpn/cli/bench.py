@@ -173,51 +173,95 @@ def time_loader(loader, device, steps: int, warmup: int) -> float:
     return n / t.seconds
 
 
+class TrainStep:
+    """One training step of a recipe under one setting, in three separately timed parts.
+
+    Plain mode: the objective with a torch AdamW, autocast and (fp16) a GradScaler.
+    ``zero=FRAGMENT``: the same objective inside a DeepSpeed engine built by the trainer's
+    own code, with the recipe's DeepSpeed config whose ZeRO fragment is replaced by
+    ``FRAGMENT`` (e.g. ``zero3_offload``: parameters and optimizer state on the host, CPU AdamW).
+    """
+
+    def __init__(self, cfg: dict, setting: dict, batch: int, device, batches, ckpt_every: int = 0,
+                 zero: str | None = None):
+        self.dtype = DTYPES[setting["dtype"]]
+        self.teacher = build_teacher(cfg, self.dtype, device)
+        model = build_objective(cfg, self.teacher)
+        apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"])
+        self.pixel = cfg["objective"]["kind"] == "pixel"
+        self.autocast = torch.autocast(device.type, dtype=self.dtype, enabled=setting["dtype"] != "fp32")
+        self.batches, self.current = batches, {}
+        self.engine = None
+        if zero:
+            self.engine = deepspeed_engine(cfg, model, zero, setting["dtype"], batch, device)
+            self.model = self.engine
+            return
+        self.model = model.to(device).train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
+                                     fused=setting["fused"] and device.type == "cuda",
+                                     foreach=False if not setting["fused"] else None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=setting["dtype"] == "fp16")
+
+    def teacher_fwd(self):
+        self.current["x"], self.current["mask"], tview = next(self.batches)
+        if self.teacher is None:
+            return None
+        with torch.no_grad(), self.autocast:
+            return self.teacher(tview)
+
+    def student_fwd_bwd(self, targets):
+        x, mask = self.current["x"], self.current["mask"]
+        kwargs = {} if self.pixel else {"targets": targets}
+        if self.engine is not None:  # DeepSpeed holds the weights in the training dtype
+            out = self.engine(x.to(self.dtype), mask, **kwargs)
+            self.engine.backward(out["loss"])
+            return
+        with self.autocast:
+            out = self.model(x, mask, **kwargs)
+        self.scaler.scale(out["loss"]).backward()
+
+    def optimizer_step(self):
+        if self.engine is not None:  # clipping, master weights, (offloaded) AdamW
+            self.engine.step()
+            return
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.params, 3.0)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self):
+        self.student_fwd_bwd(self.teacher_fwd())
+        self.optimizer_step()
+
+
+def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, batch: int, device):
+    from ..engine.config import deepspeed_config
+    from ..engine.param_groups import param_groups
+    from ..engine.runner import _engine, _optimizer, init_distributed
+    _, world, _, _ = init_distributed()
+    fragments = [f for f in cfg["deepspeed"]["fragments"] if not f.startswith("zero") and f not in DTYPES]
+    cfg = {**cfg, "deepspeed": {**cfg["deepspeed"], "fragments": [zero, dtype, *fragments], "grad_accum": 1},
+           "data": {**cfg["data"], "batch_size": batch}, "optim": {**cfg["optim"], "total_batch": None}}
+    ds_cfg = deepspeed_config(cfg, world)
+    opt = _optimizer(param_groups(model, cfg["optim"]["weight_decay"]), cfg, device, ds_cfg)
+    for g in opt.param_groups:
+        g["lr"] = 1e-4
+    return _engine(model, cfg, ds_cfg, opt)
+
+
 def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
-                split: bool = True, profile: str | None = None, ckpt_every: int = 0, loader=None) -> dict:
-    dtype = DTYPES[setting["dtype"]]
-    teacher = build_teacher(cfg, dtype, device)
-    model = build_objective(cfg, teacher).to(device).train()
-    apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"])
-    pixel = cfg["objective"]["kind"] == "pixel"
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
-                            fused=setting["fused"] and device.type == "cuda",
-                            foreach=False if not setting["fused"] else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=setting["dtype"] == "fp16")
+                split: bool = True, profile: str | None = None, ckpt_every: int = 0, loader=None,
+                zero: str | None = None) -> dict:
+    torch._dynamo.reset()  # fresh graphs: a second batch size would otherwise recompile with dynamic shapes
     if loader is None:
         fixed = make_batch(cfg, batch, device)
         batches = iter(lambda: fixed, None)
     else:
         batches = loader_batches(loader, device, torch.float32)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=setting["dtype"] != "fp32")
-    current = {}
-
-    def teacher_fwd():
-        current["x"], current["mask"], tview = next(batches)
-        if teacher is None:
-            return None
-        with torch.no_grad(), autocast:
-            return teacher(tview)
-
-    def student_fwd_bwd(targets):
-        x, mask = current["x"], current["mask"]
-        with autocast:
-            out = model(x, mask) if pixel else model(x, mask, targets=targets)
-        scaler.scale(out["loss"]).backward()
-
-    def optimizer_step():
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    def step():
-        student_fwd_bwd(teacher_fwd())
-        optimizer_step()
-
     with attention_impl(setting["attn"]):
+        step = TrainStep(cfg, setting, batch, device, batches, ckpt_every, zero)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(warmup):
@@ -227,15 +271,21 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
                 step()
         result = dict(setting=name, batch=batch, step_ms=t.seconds / steps * 1e3,
                       img_s=batch * steps / t.seconds)
+        if step.engine is not None:
+            e = step.engine
+            param_offload = e.zero_offload_param()
+            result.update(zero_stage=e.zero_optimization_stage(), optimizer=type(e.basic_optimizer).__name__,
+                          offload_optimizer=e.zero_cpu_offload(),
+                          offload_param=param_offload is not None and str(param_offload.device).endswith("cpu"))
         if split:
             times = {"teacher": 0.0, "student": 0.0, "optimizer": 0.0}
             for _ in range(max(steps // 2, 1)):
                 with Timer(device) as t1:
-                    targets = teacher_fwd()
+                    targets = step.teacher_fwd()
                 with Timer(device) as t2:
-                    student_fwd_bwd(targets)
+                    step.student_fwd_bwd(targets)
                 with Timer(device) as t3:
-                    optimizer_step()
+                    step.optimizer_step()
                 times["teacher"] += t1.seconds
                 times["student"] += t2.seconds
                 times["optimizer"] += t3.seconds
@@ -244,22 +294,49 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
         if device.type == "cuda":
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with torch_profile(activities=acts) as prof:
-                for _ in range(3):
-                    step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-            with open(profile, "w") as f:
-                f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
-    result["teacher_gflop"] = teacher_flops(teacher) / 1e9
-    del model, opt, teacher
+            write_profile(step, device, profile)
+    result["teacher_gflop"] = teacher_flops(step.teacher) / 1e9
+    batches.close() if hasattr(batches, "close") else None  # stops the loader's workers
+    del step, batches
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def write_profile(step, device, path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+
+
+def largest_batch(fits, start: int, limit: int, granularity: int = 8) -> int:
+    """The largest batch b <= limit (a multiple of ``granularity`` above it) with ``fits(b)``:
+    doubling from ``start`` until a batch does not fit, then bisection. 0 if ``start`` does not."""
+    if not fits(start):
+        return 0
+    good, bad = start, None
+    while bad is None:
+        nxt = min(good * 2, limit)
+        if nxt == good:
+            return good
+        if fits(nxt):
+            good = nxt
+        else:
+            bad = nxt
+    while bad - good > granularity:
+        mid = (good + bad) // 2 // granularity * granularity
+        if mid <= good:
+            break
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
 
 
 def run_inference(device, batch: int, steps: int, warmup: int, compile_: bool) -> list[dict]:
@@ -290,6 +367,15 @@ def environment(device) -> dict:
     return env
 
 
+def cap_memory(device, gib: float) -> None:
+    """Emulate a smaller GPU: this process may allocate at most ``gib`` GiB."""
+    if device.type != "cuda":
+        print(f"# --memory-gib {gib}: no effect on {device.type}")
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(gib * 2 ** 30 / total, 1.0), device)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="clip_l")
@@ -304,15 +390,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="write a kernel table (3 profiled steps of the last setting) here")
     parser.add_argument("--ckpt-every", type=int, default=0,
                         help="activation checkpointing on every k-th block of the student (0: off)")
+    parser.add_argument("--data", help="a folder of pre-training shards (itpn-prep): also time every setting fed "
+                                       "by the real loader, and the loader alone")
+    parser.add_argument("--workers", type=int, help="loader worker processes (default: the recipe's data.num_workers)")
+    parser.add_argument("--zero", help="run the step inside DeepSpeed with this ZeRO fragment of ds_configs/ "
+                                       "(zero1, zero2, zero3, zero3_offload); the recipe's other fragments are kept")
+    parser.add_argument("--memory-gib", type=float, help="cap the GPU memory this process may use (emulates a "
+                                                         "smaller GPU, e.g. 24)")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="for each setting, search the largest batch that fits (doubling from --batch, then "
+                             "bisecting to a multiple of 8) and time it")
+    parser.add_argument("--max-batch-limit", type=int, default=4096)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.memory_gib:
+        cap_memory(device, args.memory_gib)
 
     peak = measure_peak_tflops(device)
     env = environment(device)
     print(f"# {json.dumps(env)}  bf16 matmul peak measured: {peak:.0f} TFLOP/s")
-    rows = []
     if args.infer:
+        rows = []
         for b in args.batch:
             for c in (False, True):
                 rows += run_inference(device, b, args.steps, args.warmup, c)
@@ -320,47 +419,77 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"{r['model']:26s} {r['batch']:5d} {str(r['compiled']):>8s} {r['img_s']:9.0f}")
     else:
-        cfg = load_recipe(args.recipe)
-        teacher_dim = 0
-        if cfg["objective"]["kind"] == "clip":
-            teacher_dim = build_teacher(cfg, torch.float32, "cpu").embed_dim
-        student_gflop = count_student_flops(cfg, teacher_dim) / 1e9
-        for b in args.batch:
-            base = None
-            for name in args.ladder:
-                warm = args.warmup + (3 if LADDER[name]["compile"] else 0)
-                try:
-                    last = name == args.ladder[-1] and b == args.batch[-1]
-                    r = run_setting(cfg, name, LADDER[name], b, args.steps, warm, device,
-                                    profile=args.profile if last else None, ckpt_every=args.ckpt_every)
-                except torch.OutOfMemoryError:
-                    r = dict(setting=name, batch=b, oom=True)
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    rows.append(r)
-                    continue
-                gflop = student_gflop + r["teacher_gflop"]
-                r.update(recipe=args.recipe, gflop_per_img=gflop, tflops=r["img_s"] * gflop / 1e3,
-                         mfu_pct=100 * r["img_s"] * gflop / 1e3 / peak if math.isfinite(peak) else float("nan"))
-                base = base or r["img_s"]
-                r["speedup"] = r["img_s"] / base
-                rows.append(r)
-        print(f"recipe {args.recipe}: {student_gflop:.1f} GFLOP/img student fwd+bwd"
-              + (f" + {rows[0].get('teacher_gflop', 0):.1f} teacher fwd" if teacher_dim else ""))
-        print(f"{'setting':8s} {'batch':>5s} {'img/s':>8s} {'x naive':>7s} {'TFLOP/s':>8s} {'MFU%':>5s} "
-              f"{'peak GiB':>8s} {'teacher%':>8s} {'student%':>8s} {'optim%':>6s}")
-        for r in rows:
-            if r.get("oom"):
-                print(f"{r['setting']:8s} {r['batch']:5d}  out of memory")
-                continue
-            print(f"{r['setting']:8s} {r['batch']:5d} {r['img_s']:8.1f} {r['speedup']:7.2f} {r['tflops']:8.1f} "
-                  f"{r['mfu_pct']:5.1f} {r.get('peak_gib', float('nan')):8.1f} {r.get('teacher_pct', 0):8.1f} "
-                  f"{r.get('student_pct', 0):8.1f} {r.get('optimizer_pct', 0):6.1f}")
+        rows = run_training(args, device, peak)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:
                 f.write(json.dumps({**r, **env, "peak_tflops": peak}) + "\n")
     return 0
+
+
+def run_training(args, device, peak: float) -> list[dict]:
+    cfg = load_recipe(args.recipe)
+    teacher_dim = 0
+    if cfg["objective"]["kind"] == "clip":
+        teacher_dim = build_teacher(cfg, torch.float32, "cpu").embed_dim
+    student_gflop = count_student_flops(cfg, teacher_dim) / 1e9
+    workers = cfg["data"]["num_workers"] if args.workers is None else args.workers
+    suffix = f"/{args.zero}" if args.zero else ""
+
+    def measure(name, batch, loader=None, steps=args.steps, split=True, profile=None):
+        warm = args.warmup + (3 if LADDER[name]["compile"] else 0)
+        label = name + suffix + ("+data" if loader is not None else "")
+        try:
+            r = run_setting(cfg, label, LADDER[name], batch, steps, warm, device, split=split, profile=profile,
+                            ckpt_every=args.ckpt_every, loader=loader, zero=args.zero)
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            return dict(setting=label, batch=batch, oom=True)
+        gflop = student_gflop + r["teacher_gflop"]
+        r.update(recipe=args.recipe, gflop_per_img=gflop, tflops=r["img_s"] * gflop / 1e3,
+                 mfu_pct=100 * r["img_s"] * gflop / 1e3 / peak if math.isfinite(peak) else float("nan"))
+        return r
+
+    rows = []
+    if args.max_batch:
+        for name in args.ladder:
+            found = largest_batch(lambda b: not measure(name, b, steps=1, split=False).get("oom"),
+                                  args.batch[0], args.max_batch_limit)
+            if found:
+                rows.append({**measure(name, found), "max_batch": True})
+            else:
+                rows.append(dict(setting=name + suffix, batch=args.batch[0], oom=True))
+    for b in args.batch if not args.max_batch else []:
+        loader = build_bench_loader(cfg, args.data, b, workers, device) if args.data else None
+        if loader is not None:
+            rows.append(dict(setting="loader", batch=b, img_s=time_loader(loader, device, args.steps, args.warmup),
+                             workers=workers))
+        for name in args.ladder:
+            last = name == args.ladder[-1] and b == args.batch[-1]
+            rows.append(measure(name, b, profile=args.profile if last else None))
+            if loader is not None:
+                rows.append(measure(name, b, loader, split=False))
+    base = {}
+    for r in rows:
+        if "tflops" in r:
+            r["speedup"] = r["img_s"] / base.setdefault(r["batch"], r["img_s"])
+    print(f"recipe {args.recipe}: {student_gflop:.1f} GFLOP/img student fwd+bwd"
+          + (f" + {max(r.get('teacher_gflop', 0) for r in rows):.1f} teacher fwd" if teacher_dim else ""))
+    print(f"{'setting':22s} {'batch':>5s} {'img/s':>8s} {'x first':>7s} {'TFLOP/s':>8s} {'MFU%':>5s} "
+          f"{'peak GiB':>8s} {'teacher%':>8s} {'student%':>8s} {'optim%':>6s}")
+    for r in rows:
+        head = f"{r['setting']:22s} {r['batch']:5d}"
+        if r.get("oom"):
+            print(f"{head}  out of memory")
+        elif r["setting"] == "loader":
+            print(f"{head} {r['img_s']:8.1f}  (the loader alone, {r['workers']} workers)")
+        else:
+            split = (f"{r['teacher_pct']:8.1f} {r['student_pct']:8.1f} {r['optimizer_pct']:6.1f}"
+                     if "teacher_pct" in r else f"{'-':>8s} {'-':>8s} {'-':>6s}")
+            print(f"{head} {r['img_s']:8.1f} {r['speedup']:7.2f} {r['tflops']:8.1f} {r['mfu_pct']:5.1f} "
+                  f"{r.get('peak_gib', float('nan')):8.1f} {split}" + ("  largest batch" if r.get("max_batch") else ""))
+    return rows
 
 
 if __name__ == "__main__":

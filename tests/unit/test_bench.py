@@ -1,6 +1,24 @@
-"""itpn-bench runs end to end on the CPU (tiny recipe) and reports every setting it ran."""
+"""itpn-bench runs end to end on the CPU (tiny recipe) and reports every setting it ran:
+synthetic batches, the real loader, a DeepSpeed engine (ZeRO-3 + CPU offload) and the
+largest-batch search."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from itpn.cli import bench
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "data"
+    subprocess.run([sys.executable, "-m", "data_prep", "demo", str(out)], check=True, capture_output=True)
+    return out / "train"
 
 
 def test_bench_tiny_ladder(capsys, tmp_path):
@@ -12,6 +30,51 @@ def test_bench_tiny_ladder(capsys, tmp_path):
     rows = [line.split()[0] for line in text.splitlines() if line.startswith(("naive", "fused"))]
     assert rows == ["naive", "fused"]
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_bench_real_loader_rows(capsys, tmp_path, demo_shards):
+    out = tmp_path / "b.jsonl"
+    assert bench.main(["--recipe", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                       "--ladder", "fused", "--data", str(demo_shards), "--workers", "1", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["setting"] for r in rows] == ["loader", "fused", "fused+data"]
+    assert all(r["img_s"] > 0 for r in rows)
+    assert "the loader alone, 1 workers" in capsys.readouterr().out
+
+
+def test_bench_deepspeed_zero3_offload(tmp_path):
+    # In a subprocess: the DeepSpeed engine initialises a process group for the whole process.
+    out = tmp_path / "b.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "itpn.cli.bench", "--recipe", "tiny", "--batch", "4", "--steps", "2",
+                           "--warmup", "1", "--device", "cpu", "--ladder", "bf16", "--zero", "zero3_offload",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["setting"] == "bf16/zero3_offload" and row["img_s"] > 0
+    assert row["zero_stage"] == 3 and row["optimizer"] == "DeepSpeedCPUAdam"
+    assert row["offload_optimizer"] and row["offload_param"]
+
+
+def test_largest_batch_search():
+    calls = []
+
+    def fits(limit):
+        def probe(b):
+            calls.append(b)
+            return b <= limit
+        return probe
+    assert bench.largest_batch(fits(200), 32, 4096) == 200   # 32, 64, 128, 256 fail, bisect to 8s
+    assert calls[:4] == [32, 64, 128, 256] and len(calls) <= 10
+    assert bench.largest_batch(fits(10_000), 32, 1000) == 1000  # stops at the limit
+    assert bench.largest_batch(fits(16), 32, 4096) == 0         # the start does not fit
+    assert bench.largest_batch(fits(37), 32, 4096) == 32        # within the granularity of 8
+
+
+def test_bench_max_batch_cli(capsys):
+    assert bench.main(["--recipe", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                       "--ladder", "fused", "--max-batch", "--max-batch-limit", "8"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fused")]
+    assert len(line) == 1 and line[0].split()[1] == "8" and line[0].endswith("largest batch")
 
 
 def test_vit_flops_formula_matches_counter():
