@@ -93,3 +93,41 @@ def test_compiled_blocks_match_eager():
     assert rel(out["mfm"], eager_out["mfm"]) < 1e-2
     worst = max(rel(g[n], eager_g[n]) for n in g if eager_g[n].norm() > 0)
     assert worst < 3e-2, worst
+
+
+def test_compiled_checkpointed_blocks_match_eager():
+    """Block.compile + activation checkpointing (the checkpoint in eager around the compiled
+    region) on inductor/CUDA: same outputs and gradients as eager, to bf16 tolerance."""
+    from itpn.engine.build import apply_block_options
+    torch.manual_seed(0)
+    model = _clip_model()
+    x = torch.randn(2, 3, 224, 224, device=DEV)
+    mask = torch.rand(2, 196, device=DEV) < 0.4
+    targets = torch.randn(2, 196, 128, device=DEV)
+    eager_out, eager_g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
+    assert apply_block_options(model, 1, True, True) > 0
+    out, g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
+    assert rel(out["mfm"], eager_out["mfm"]) < 1e-2
+    worst = max(rel(g[n], eager_g[n]) for n in g if eager_g[n].norm() > 0)
+    assert worst < 3e-2, worst
+
+
+@pytest.mark.parametrize("recipe,setting", [("tiny", "fused"), ("tiny", "compile")])
+def test_training_step_has_no_host_sync(recipe, setting):
+    """The benchmark's step (teacher forward, student forward + backward, clipping, fused
+    AdamW) after warm-up issues no host-device synchronisation: CUDA's sync debug mode
+    turns any into an error."""
+    from itpn.cli import bench
+    cfg = bench.load_recipe(recipe)
+    fixed = bench.make_batch(cfg, 4, DEV)
+    with attention_impl("sdpa"):
+        step = bench.TrainStep(cfg, bench.LADDER[setting], 4, DEV, iter(lambda: fixed, None))
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
