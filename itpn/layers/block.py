@@ -18,6 +18,9 @@ from .drop_path import DropPath
 from .mlp import Mlp
 from .norm import LN_EPS
 
+#: Dynamo cache entries allowed for the one shared ``Block._forward`` code object.
+RECOMPILE_LIMIT = 64
+
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -42,16 +45,26 @@ class Block(nn.Module):
         # set_grad_checkpointing or by the engine for every k-th block.
         self.grad_checkpointing = False
 
-    def compile(self, *args, **kwargs) -> None:
+    def compile(self, **kwargs) -> None:
         """Regional compilation of the block's computation (``_forward``).
 
         Unlike ``nn.Module.compile``, the compiled region excludes the checkpointing
         wrapper: with ``grad_checkpointing`` on, ``torch.utils.checkpoint`` runs in eager
         around the compiled function and replays it on the backward, so dynamo never has
-        to trace the checkpoint (on torch 2.11 tracing it failed inside the region). All
-        blocks of one shape share one graph (same code object, parameters as inputs).
+        to trace the checkpoint (on torch 2.11 tracing it failed inside the region).
+
+        All blocks share one code object, hence one dynamo cache: blocks of one shape share
+        one graph (parameters are graph inputs), and every other shape (stage 1, stage 2,
+        stage 3, each pyramid level: 6-8 per model) is another entry. Shapes are static by
+        default: dynamo's automatic dynamic shapes would otherwise turn the second 5-d shape
+        into one symbolic-shape graph for all C-MLP levels; and the recompile limit is
+        raised above the number of shapes so that no block silently falls back to eager.
         """
-        self._forward = torch.compile(self._forward, *args, **kwargs)
+        kwargs.setdefault("dynamic", False)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+        self._forward = torch.compile(self._forward, **kwargs)
 
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
                 rel_grid: tuple[int, int] | None = None) -> torch.Tensor:

@@ -15,9 +15,10 @@ from itpn.engine.runner import _engine, _optimizer, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
-p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3offload", "3ema"],
+p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3offload", "2compile", "3ema"],
                help="ZeRO stages; '3ckpt': ZeRO-3 with activation checkpointing on every block; "
                     "'3offload': ZeRO-3 with parameters and optimizer offloaded to the host (CPU AdamW); "
+                    "'Ncompile': compiled blocks (dynamo + AOTAutograd, no inductor); "
                     "'Nema': pixel MIM + EMA-teacher MFM, the EMA updated through ZeRO gathers")
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--local_rank", type=int, default=0)
@@ -36,6 +37,8 @@ for stage in args.stages:
     objective = build_objective(cfg)  # no teacher: fixed targets below
     if stage.endswith("ckpt"):
         assert apply_block_options(objective, 1, True, False) > 0
+    if stage.endswith("compile"):  # dynamo + AOTAutograd without inductor's (slow on CPU) code generation
+        apply_block_options(objective, 1, False, True, {"backend": "aot_eager"})
     ds_cfg = deepspeed_config(cfg, world)
     opt = _optimizer(param_groups(objective, 0.05), cfg, device, ds_cfg)
     for g in opt.param_groups:
