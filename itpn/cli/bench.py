@@ -10,6 +10,8 @@ settings so that every speed-up is a ratio measured in the same run:
     bf16     + bf16 autocast, no grad scaler, teacher weights in bf16
     fused    + fused AdamW
     compile  + torch.compile of every block (regional compilation)
+    compile_model  torch.compile of the whole objective and the teacher instead of the
+             blocks; not in the default ladder
     flex     + attention through FlexAttention (bias read from the table in the kernel);
              not in the default ladder
 
@@ -40,7 +42,7 @@ import time
 import torch
 
 from ..layers import attention_impl
-from ..engine.build import apply_block_options, backbone_config, build_objective, build_teacher
+from ..engine.build import apply_block_options, backbone_config, build_objective, build_teacher, compile_whole
 from ..engine.config import DTYPES, load_config
 from ..models.flops import count_train_flops, vit_forward_flops
 
@@ -69,8 +71,9 @@ LADDER = {
     "sdpa": dict(attn="sdpa", dtype="fp16", fused=False, compile=False),
     "bf16": dict(attn="sdpa", dtype="bf16", fused=False, compile=False),
     "fused": dict(attn="sdpa", dtype="bf16", fused=True, compile=False),
-    "compile": dict(attn="sdpa", dtype="bf16", fused=True, compile=True),
-    "flex": dict(attn="flex", dtype="bf16", fused=True, compile=True),
+    "compile": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks"),
+    "flex": dict(attn="flex", dtype="bf16", fused=True, compile="blocks"),
+    "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model"),
 }
 
 
@@ -187,7 +190,9 @@ class TrainStep:
         self.dtype = DTYPES[setting["dtype"]]
         self.teacher = build_teacher(cfg, self.dtype, device)
         model = build_objective(cfg, self.teacher)
-        apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"])
+        apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks")
+        if setting["compile"] == "model":
+            compile_whole(model, self.teacher)
         self.pixel = cfg["objective"]["kind"] == "pixel"
         self.autocast = torch.autocast(device.type, dtype=self.dtype, enabled=setting["dtype"] != "fp32")
         self.batches, self.current = batches, {}

@@ -100,3 +100,14 @@ def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, 
         if compile_blocks:
             blk.compile(**(compile_options or {}))
     return n
+
+
+def compile_whole(objective: nn.Module, teacher: nn.Module | None = None, options: dict | None = None) -> None:
+    """torch.compile of the whole objective (each objective traces as one graph, no breaks,
+    tested on CPU) and of the frozen teacher, static shapes. Larger fusion scope than
+    ``apply_block_options``' per-block regions (patch merges, pyramid, losses), longer
+    compile; the benchmark's ``compile_model`` setting measures it."""
+    opts = {"dynamic": False, **(options or {})}
+    objective.compile(**opts)
+    if teacher is not None:
+        teacher.compile(**opts)

@@ -165,13 +165,14 @@ class PixelMIM(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, 3, H, W); mask (B, N), 1/True = removed, ``N - num_keep`` in every sample
-        (checked when the mask is on the CPU; on a GPU the check would be a host sync per step).
+        (checked when the mask is on the CPU in eager mode; on a GPU the check would be a host
+        sync per step, in a compiled graph a graph break).
 
         Returns "pred" (B, N, p*p*3) in raster patch order, "loss" (normalised-pixel MSE
         over masked patches) and "mask"."""
         mask = mask.bool()
         B, N = mask.shape
-        if mask.device.type == "cpu":
+        if mask.device.type == "cpu" and not torch.compiler.is_compiling():
             counts = (~mask).sum(1)
             if (counts != self.num_keep).any():
                 raise ValueError(f"every sample must keep {self.num_keep} of {N} patches "

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from itpn.engine.build import apply_block_options
+from itpn.engine.build import apply_block_options, compile_whole
 from itpn.layers import Block, relative_position_index
 from itpn.models import HiViTConfig
 from itpn.objectives.clip_mfm import ClipMFM
+from itpn.objectives.pixel_mim import PixelMIM
 
 AOT = dict(backend="aot_eager", fullgraph=True)
 
@@ -110,3 +111,39 @@ def test_blocks_share_one_graph_and_checkpointing_replays_drop_path():
     # Drop path really dropped something, so the replay check above is meaningful.
     torch.manual_seed(1)
     assert (ckpt[2].drop_path(torch.ones(64, 1, 1)) == 0).any()
+
+
+@pytest.mark.parametrize("kind,ckpt", [("clip", False), ("clip", True), ("pixel", False)])
+def test_whole_objective_compiles_as_one_graph(kind, ckpt):
+    """``compile_whole`` (the benchmark's compile_model setting): the objective traces as a
+    single graph (fullgraph: any break is an error) and matches eager."""
+    torch.manual_seed(0)
+    cfg = HiViTConfig(img_size=64, embed_dim=64, depths=(1, 1, 3), num_heads=2, rpe=kind == "clip",
+                      layer_scale=0.1 if kind == "clip" else None)
+    if kind == "clip":
+        eager = ClipMFM(cfg, teacher_dim=24, fpn_dim=32, fpn_depth=1)
+    else:
+        eager = PixelMIM(cfg, fpn_dim=32, fpn_depth=1, decoder_dim=64, decoder_depth=1, decoder_heads=4,
+                         mfm_weight=0.3)
+    compiled = copy.deepcopy(eager)
+    if ckpt:
+        apply_block_options(compiled, 1, True, False)
+    compile_whole(compiled, options=AOT)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    if kind == "clip":
+        mask, targets = torch.rand(2, 16, generator=g) < 0.4, torch.randn(2, 16, 24, generator=g)
+    else:
+        mask, targets = torch.rand(2, 16, generator=g).argsort(1) < 12, None
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)
+        out = model(x, mask, targets=targets) if kind == "clip" else model(x, mask)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_e, grads_e), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert counters["stats"]["unique_graphs"] == 1
