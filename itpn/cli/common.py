@@ -21,7 +21,7 @@ def parse(task: str, argv: list[str] | None, default_recipe: str) -> dict:
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")

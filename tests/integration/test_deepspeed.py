@@ -1,6 +1,6 @@
 """Multi-process DeepSpeed runs on CPU (gloo) through the real launcher and entry points:
 ZeRO 1/2/3 equivalence, SIGKILL + resume, interrupted saves, a two-node loopback launch
-without ssh, and configuration errors that stop every rank before training."""
+without ssh, torchrun, and configuration errors that stop every rank before training."""
 
 import json
 import os
@@ -196,6 +196,19 @@ def test_two_node_loopback_without_ssh(tmp_path, demo_data):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert "on 2 ranks" in outs[0]
     assert max(_losses(run)) == 3  # 0.2 epoch of 480 samples at 2 x 16 per step
+
+
+def test_torchrun_launch_matches_deepspeed_launcher(tmp_path, demo_data):
+    """The entry points read the launcher's environment only: torchrun and the deepspeed
+    launcher give the same run, step for step."""
+    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "optim.epochs=0.2", *PIXEL]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", str(_port()), "-m", "itpn.cli.pretrain",
+          f"run_dir={tmp_path / 'torchrun'}", *args], cwd=ROOT)
+    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "itpn.cli.pretrain",
+          f"run_dir={tmp_path / 'deepspeed'}", *args], cwd=ROOT)
+    a, b = _losses(tmp_path / "torchrun"), _losses(tmp_path / "deepspeed")
+    assert sorted(a) == [1, 2, 3] and a == pytest.approx(b, rel=1e-6)
 
 
 @pytest.mark.parametrize("override,message", [
