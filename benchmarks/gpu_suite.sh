@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/performance.md, in parts that each finish within ~10 minutes
+# on one H100 (run them in this order when GPU time is short):
+#
+#   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
+#                                     blocks vs eager, no host sync in the step
+#   benchmarks/gpu_suite.sh clip_l    the ladder for iTPN-L + CLIP-L/14@196, whole-model compile,
+#                                     and the step inside DeepSpeed ZeRO-1 (the trainer's setting)
+#   benchmarks/gpu_suite.sh memory    largest batch with / without activation checkpointing;
+#                                     ZeRO-3 + CPU offload under a 24 GiB cap
+#   benchmarks/gpu_suite.sh loader    the step fed by the real loader (ImageNet-like JPEG shards
+#                                     made on the spot), and the loader alone
+#   benchmarks/gpu_suite.sh clip_b    the ladder for iTPN-B + CLIP-B/16
+#   benchmarks/gpu_suite.sh pixel_l   pixel MIM iTPN-L
+#   benchmarks/gpu_suite.sh infer     classifier inference at 224 (iTPN vs ViT)
+#
+# Results are appended as JSON lines to ${OUT:-.}/bench.jsonl; the tables go to stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.}
+export PYTHONUNBUFFERED=1
+bench() { echo "+ itpn-bench $*"; python -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
+
+case "${1:?part: check | clip_l | memory | loader | clip_b | pixel_l | infer}" in
+  check)
+    python -m pytest -q tests/gpu ;;
+  clip_l)
+    bench --recipe clip_l --batch 128 --steps 10
+    bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fused compile --zero zero1 ;;
+  memory)
+    bench --recipe clip_l --batch 128 --steps 3 --warmup 1 --ladder compile --max-batch
+    bench --recipe clip_l --batch 256 --steps 3 --warmup 1 --ladder compile --ckpt-every 1 --max-batch
+    bench --recipe clip_l --batch 32 --steps 3 --warmup 1 --ladder bf16 --ckpt-every 1 --zero zero3_offload \
+      --memory-gib 24 --max-batch ;;
+  loader)
+    data=${DATA:-/tmp/itpn_bench_shards}
+    if [ ! -f "$data/train/manifest.json" ]; then
+      python -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_loader import make_images; \
+make_images('$data/images', 5120)"
+      python -m data_prep folder "$data/images" "$data/train" --shard-samples 512 --no-progress
+    fi
+    bench --recipe clip_l --batch 128 --steps 20 --ladder compile --data "$data/train" --workers "${WORKERS:-12}"
+    bench --recipe clip_b --batch 256 --steps 20 --ladder compile --data "$data/train" --workers "${WORKERS:-12}" ;;
+  clip_b)
+    bench --recipe clip_b --batch 256 --steps 10
+    bench --recipe clip_b --batch 256 --steps 10 --ladder compile_model ;;
+  pixel_l)
+    bench --recipe pixel_l --batch 256 --steps 8 --ladder fused compile compile_model ;;
+  infer)
+    bench --infer --batch 256 --steps 10 ;;
+  *)
+    echo "unknown part $1" >&2; exit 2 ;;
+esac
