@@ -1,12 +1,16 @@
 """Attention with a relative position bias on the GPU (issue #6): ms per forward + backward
 of SDPA with the bias as stored, SDPA with an 8-aligned row stride (memory-efficient kernel),
 FlexAttention with a score_mod reading the bias, SDPA without bias (flash, the floor), and
-the naive fp32 softmax. B=128, H=12, N=196, d=64 by default (iTPN-L stage 3)."""
+the naive fp32 softmax; and, to locate the cost of the bias, SDPA with a bias that needs no
+gradient (the backward's (B, H, N, N) bias-gradient write and its batch reduction drop out)
+and SDPA restricted to cuDNN's attention backend (reports why if cuDNN refuses the bias).
+B=128, H=12, N=196, d=64 by default (iTPN-L stage 3)."""
 
 import argparse
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def bench(fn, iters=50, warmup=10):
@@ -44,6 +48,10 @@ def main():
     def aligned():
         return F.pad(bias, (0, pad))[..., :N] if pad else bias
 
+    def cudnn(mask):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # raises if cuDNN cannot take this call
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     def naive():
         s = (q.float() * d ** -0.5) @ k.float().transpose(-2, -1) + bias.float()
         return (s.softmax(-1) @ v.float()).to(dt)
@@ -51,6 +59,10 @@ def main():
     rows = [
         ("SDPA, bias as stored", run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))),
         ("SDPA, bias row stride aligned to 8", run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=aligned()))),
+        ("SDPA, bias without gradient", run(lambda: F.scaled_dot_product_attention(q, k, v,
+                                                                                   attn_mask=bias.detach()))),
+        ("SDPA cuDNN backend, bias", run(lambda: cudnn(bias))),
+        ("SDPA cuDNN backend, bias without gradient", run(lambda: cudnn(bias.detach()))),
         ("SDPA, no bias (flash floor)", run(lambda: F.scaled_dot_product_attention(q, k, v))),
         ("naive fp32 softmax", run(naive)),
     ]

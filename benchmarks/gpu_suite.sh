@@ -3,7 +3,8 @@
 # on one H100 (run them in this order when GPU time is short):
 #
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
-#                                     blocks vs eager, no host sync in the step
+#                                     blocks vs eager, no host sync in the step; the attention
+#                                     microbenchmark (bias-gradient cost, cuDNN backend)
 #   benchmarks/gpu_suite.sh clip_l    the ladder for iTPN-L + CLIP-L/14@196, whole-model compile,
 #                                     and the step inside DeepSpeed ZeRO-1 (the trainer's setting)
 #   benchmarks/gpu_suite.sh memory    largest batch with / without activation checkpointing;
@@ -13,6 +14,7 @@
 #   benchmarks/gpu_suite.sh clip_b    the ladder for iTPN-B + CLIP-B/16
 #   benchmarks/gpu_suite.sh pixel_l   pixel MIM iTPN-L
 #   benchmarks/gpu_suite.sh infer     classifier inference at 224 (iTPN vs ViT)
+#   benchmarks/gpu_suite.sh autotune  compiled blocks with max-autotune (long compilation)
 #
 # Results are appended as JSON lines to ${OUT:-.}/bench.jsonl; the tables go to stdout.
 set -euo pipefail
@@ -21,9 +23,10 @@ OUT=${OUT:-.}
 export PYTHONUNBUFFERED=1
 bench() { echo "+ itpn-bench $*"; python -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
 
-case "${1:?part: check | clip_l | memory | loader | clip_b | pixel_l | infer}" in
+case "${1:?part: check | clip_l | memory | loader | clip_b | pixel_l | infer | autotune}" in
   check)
-    python -m pytest -q tests/gpu ;;
+    python -m pytest -q tests/gpu
+    python benchmarks/bench_attention.py ;;
   clip_l)
     bench --recipe clip_l --batch 128 --steps 10
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model
@@ -49,6 +52,8 @@ make_images('$data/images', 5120)"
     bench --recipe pixel_l --batch 256 --steps 8 --ladder fused compile compile_model ;;
   infer)
     bench --infer --batch 256 --steps 10 ;;
+  autotune)
+    bench --recipe clip_l --batch 128 --steps 10 --ladder compile compile_autotune ;;
   *)
     echo "unknown part $1" >&2; exit 2 ;;
 esac

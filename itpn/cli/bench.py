@@ -12,6 +12,8 @@ settings so that every speed-up is a ratio measured in the same run:
     compile  + torch.compile of every block (regional compilation)
     compile_model  torch.compile of the whole objective and the teacher instead of the
              blocks; not in the default ladder
+    compile_autotune  compiled blocks with mode="max-autotune-no-cudagraphs" (Triton GEMM
+             templates with fused epilogues, autotuned; minutes of compilation); not default
     flex     + attention through FlexAttention (bias read from the table in the kernel);
              not in the default ladder
 
@@ -74,6 +76,8 @@ LADDER = {
     "compile": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks"),
     "flex": dict(attn="flex", dtype="bf16", fused=True, compile="blocks"),
     "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model"),
+    "compile_autotune": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks",
+                             compile_options={"mode": "max-autotune-no-cudagraphs"}),
 }
 
 
@@ -190,7 +194,8 @@ class TrainStep:
         self.dtype = DTYPES[setting["dtype"]]
         self.teacher = build_teacher(cfg, self.dtype, device)
         model = build_objective(cfg, self.teacher)
-        apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks")
+        apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks",
+                            setting.get("compile_options"))
         if setting["compile"] == "model":
             compile_whole(model, self.teacher)
         self.pixel = cfg["objective"]["kind"] == "pixel"
