@@ -9,6 +9,8 @@ Works on any token layout whose last dim is channels: (B, N, C) or (B, N, h, w, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -44,6 +46,10 @@ class Block(nn.Module):
         # partitioned parameters inside it are fine); set by the model's
         # set_grad_checkpointing or by the engine for every k-th block.
         self.grad_checkpointing = False
+        # Set by compile(): the compiled *function* Block._forward, called with this block as
+        # its first argument. Not a bound method: a deep copy (e.g. an EMA model) must
+        # compute with its own weights, and copies functions by reference.
+        self._compiled_forward = None
 
     def compile(self, **kwargs) -> None:
         """Regional compilation of the block's computation (``_forward``).
@@ -64,13 +70,14 @@ class Block(nn.Module):
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-        self._forward = torch.compile(self._forward, **kwargs)
+        self._compiled_forward = torch.compile(Block._forward, **kwargs)
 
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
                 rel_grid: tuple[int, int] | None = None) -> torch.Tensor:
+        fn = self._forward if self._compiled_forward is None else functools.partial(self._compiled_forward, self)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, rel_index, rel_grid, use_reentrant=False)
-        return self._forward(x, rel_index, rel_grid)
+            return checkpoint(fn, x, rel_index, rel_grid, use_reentrant=False)
+        return fn(x, rel_index, rel_grid)
 
     def _forward(self, x, rel_index, rel_grid):
         if self.has_attn:

@@ -147,3 +147,21 @@ def test_whole_objective_compiles_as_one_graph(kind, ckpt):
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_deep_copy_of_a_compiled_block_uses_its_own_weights():
+    """An EMA model is a deep copy of a (possibly compiled) student: the copy must stay
+    compiled and compute with its own parameters, not the original's."""
+    torch.manual_seed(0)
+    blk = Block(16, 2, layer_scale=0.1)
+    apply_block_options(blk, 1, False, True, AOT)
+    twin = copy.deepcopy(blk)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(-0.5)
+    x = torch.randn(2, 4, 16)
+    eager_twin = copy.deepcopy(twin)
+    eager_twin._compiled_forward = None
+    torch.testing.assert_close(twin(x), eager_twin(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(twin(x), blk(x))
+    assert counters["stats"]["unique_graphs"] == 1  # both went through the one compiled graph
