@@ -7,8 +7,9 @@
 #                                     microbenchmark (bias-gradient cost, cuDNN backend)
 #   benchmarks/gpu_suite.sh clip_l    the ladder for iTPN-L + CLIP-L/14@196, whole-model compile,
 #                                     and the step inside DeepSpeed ZeRO-1 (the trainer's setting)
-#   benchmarks/gpu_suite.sh memory    largest batch with / without activation checkpointing;
-#                                     ZeRO-3 + CPU offload under a 24 GiB cap
+#   benchmarks/gpu_suite.sh memory    largest batch without activation checkpointing (compiled)
+#   benchmarks/gpu_suite.sh memory_ckpt  ... with checkpointing on every block (compiled)
+#   benchmarks/gpu_suite.sh offload24 ZeRO-3 + CPU offload (+ checkpointing) under a 24 GiB cap
 #   benchmarks/gpu_suite.sh loader    the step fed by the real loader (ImageNet-like JPEG shards
 #                                     made on the spot), and the loader alone
 #   benchmarks/gpu_suite.sh clip_b    the ladder for iTPN-B + CLIP-B/16
@@ -23,7 +24,7 @@ OUT=${OUT:-.}
 export PYTHONUNBUFFERED=1
 bench() { echo "+ itpn-bench $*"; python -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
 
-case "${1:?part: check | clip_l | memory | loader | clip_b | pixel_l | infer | autotune}" in
+case "${1:?part: check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
   check)
     python -m pytest -q tests/gpu
     python benchmarks/bench_attention.py ;;
@@ -31,11 +32,14 @@ case "${1:?part: check | clip_l | memory | loader | clip_b | pixel_l | infer | a
     bench --recipe clip_l --batch 128 --steps 10
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model
     bench --recipe clip_l --batch 128 --steps 10 --ladder fused compile --zero zero1 ;;
-  memory)
-    bench --recipe clip_l --batch 128 --steps 3 --warmup 1 --ladder compile --max-batch
-    bench --recipe clip_l --batch 256 --steps 3 --warmup 1 --ladder compile --ckpt-every 1 --max-batch
+  memory)  # every probe recompiles (static shapes): start near the known answer (192 fits, 65 GiB)
+    bench --recipe clip_l --batch 192 --steps 3 --warmup 1 --ladder compile --max-batch --max-batch-limit 320 ;;
+  memory_ckpt)  # eager checkpointing fitted batch 384 in 33.7 GiB
+    bench --recipe clip_l --batch 384 --steps 3 --warmup 1 --ladder compile --ckpt-every 1 --max-batch \
+      --max-batch-limit 1536 ;;
+  offload24)
     bench --recipe clip_l --batch 32 --steps 3 --warmup 1 --ladder bf16 --ckpt-every 1 --zero zero3_offload \
-      --memory-gib 24 --max-batch ;;
+      --memory-gib 24 --max-batch --max-batch-limit 512 ;;
   loader)
     data=${DATA:-/tmp/itpn_bench_shards}
     if [ ! -f "$data/train/manifest.json" ]; then
