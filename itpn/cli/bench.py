@@ -44,7 +44,8 @@ import time
 import torch
 
 from ..layers import attention_impl
-from ..engine.build import apply_block_options, backbone_config, build_objective, build_teacher, compile_whole
+from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
+                            pretrain_loader)
 from ..engine.config import DTYPES, load_config
 from ..models.flops import count_train_flops, vit_forward_flops
 
@@ -155,24 +156,23 @@ class Timer:
         return False
 
 
-def loader_batches(loader, device, dtype):
+def loader_batches(loader, device):
     """(x, mask, teacher view) from the real loader, forever (epoch after epoch)."""
     while True:
         for raw in loader:
             b = loader.to_device(raw, device)
-            yield b["image"].to(dtype), b["mask"], b.get("teacher_image")
+            yield b["image"], b["mask"], b.get("teacher_image")
 
 
 def build_bench_loader(cfg: dict, data: str, batch: int, workers: int, device):
-    from ..data import build_pretrain_loader
-    from ..engine.build import pretrain_augment
-    return build_pretrain_loader(data, batch, pretrain_augment(cfg), num_workers=workers, seed=0,
-                                 pin_memory=device.type == "cuda")
+    """The trainer's pre-training loader for one rank, on ``data`` at ``batch``."""
+    cfg = {**cfg, "data": {**cfg["data"], "train": data, "batch_size": batch, "num_workers": workers}}
+    return pretrain_loader(cfg, 0, 1, device)
 
 
 def time_loader(loader, device, steps: int, warmup: int) -> float:
     """Images/s of the loader alone (decode, augment, copy, normalise on the device)."""
-    it = loader_batches(loader, device, torch.float32)
+    it = loader_batches(loader, device)
     for _ in range(warmup):
         next(it)
     with Timer(device) as t:
@@ -204,7 +204,6 @@ class TrainStep:
         self.engine = None
         if zero:
             self.engine = deepspeed_engine(cfg, model, zero, setting["dtype"], batch, device)
-            self.model = self.engine
             return
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -269,7 +268,7 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
         fixed = make_batch(cfg, batch, device)
         batches = iter(lambda: fixed, None)
     else:
-        batches = loader_batches(loader, device, torch.float32)
+        batches = loader_batches(loader, device)
     with attention_impl(setting["attn"]):
         step = TrainStep(cfg, setting, batch, device, batches, ckpt_every, zero)
         if device.type == "cuda":
@@ -306,7 +305,8 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
         if profile:
             write_profile(step, device, profile)
     result["teacher_gflop"] = teacher_flops(step.teacher) / 1e9
-    batches.close() if hasattr(batches, "close") else None  # stops the loader's workers
+    if hasattr(batches, "close"):  # a loader generator: closing it stops the workers
+        batches.close()
     del step, batches
     gc.collect()
     if device.type == "cuda":

@@ -77,6 +77,15 @@ def finetune_augment(cfg: dict):
                            normalize=d["normalize"])
 
 
+def pretrain_loader(cfg: dict, rank: int, world: int, device: torch.device):
+    """The recipe's pre-training loader for this rank (pinned memory on CUDA)."""
+    from ..data import build_pretrain_loader
+    d = cfg["data"]
+    return build_pretrain_loader(d["train"], d["batch_size"], pretrain_augment(cfg), rank=rank, world_size=world,
+                                 num_workers=d["num_workers"], seed=cfg["seed"], epoch_length=d["epoch_samples"],
+                                 pin_memory=device.type == "cuda")
+
+
 def build_val_loader(cfg: dict, rank: int, world: int, device: torch.device):
     from ..data import build_eval_loader
     d = cfg["data"]

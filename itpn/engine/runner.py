@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import build_finetune_loader, build_pretrain_loader
+from ..data import build_finetune_loader
 from ..data.mixup import build_criterion, build_mixup
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
-                    build_val_loader, finetune_augment, pretrain_augment)
+                    build_val_loader, finetune_augment, pretrain_loader)
 from .checkpoint import CheckpointManager, atomic_torch_save
 from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
 from .faults import maybe_die
@@ -335,9 +335,7 @@ def run_pretrain(cfg: dict) -> TrainState:
         gather = lambda params: deepspeed.zero.GatheredParameters(params)  # noqa: E731
 
     d = cfg["data"]
-    loader = build_pretrain_loader(d["train"], d["batch_size"], pretrain_augment(cfg), rank=rank, world_size=world,
-                                   num_workers=d["num_workers"], seed=cfg["seed"], epoch_length=d["epoch_samples"],
-                                   pin_memory=device.type == "cuda")
+    loader = pretrain_loader(cfg, rank, world, device)
     total_batch = ds_cfg["train_batch_size"]
     samples_per_epoch = len(loader) * d["batch_size"] * world
     schedule, total_steps = _schedule(cfg, total_batch, samples_per_epoch)
