@@ -148,10 +148,9 @@ def batch_sizes(cfg: dict, world_size: int) -> dict:
 def deepspeed_config(cfg: dict, world_size: int) -> dict:
     ds = load_ds_fragments(cfg["deepspeed"]["fragments"])
     ds.update(batch_sizes(cfg, world_size))
-    if cfg["optim"]["clip_grad"]:
-        ds["gradient_clipping"] = float(cfg["optim"]["clip_grad"])
-    else:
-        ds.pop("gradient_clipping", None)
+    # Always explicit: DeepSpeed's own default (0.19: GRADIENT_CLIPPING_DEFAULT = 1.0) would
+    # silently clip the recipes that ask for none (pixel MIM, fine-tuning, linear probing).
+    ds["gradient_clipping"] = float(cfg["optim"]["clip_grad"] or 0.0)
     ds["steps_per_print"] = 10 ** 9  # our logger speaks; DeepSpeed's would interleave
     ds["wall_clock_breakdown"] = False
     n_prec = sum(bool(ds.get(k, {}).get("enabled")) for k in ("bf16", "fp16"))

@@ -30,6 +30,7 @@ from .build import (apply_block_options, backbone_config, build_classifier, buil
 from .checkpoint import CheckpointManager, atomic_torch_save
 from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
 from .faults import maybe_die
+from .host_sync import sync_free_clipping
 from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
 from .param_groups import param_groups
 from .schedules import Schedule, scaled_lr
@@ -169,28 +170,8 @@ def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, o
             _check_finite(bad, state.step, ckpt)
         if state.step % log_every == 0 or state.step == total_steps:
             n = max(state.step - meter.step0, 1) * accum * world
-            keys = sorted(sums)
-            stacked = torch.stack([sums[k] for k in keys])
-            dist.all_reduce(stacked)  # one collective: the logged losses are means over all ranks
-            values = dict(zip(keys, (stacked / n).tolist()))
-            thr = meter.window(state.step)
-            values.update(lr=lr, wd=wd, epoch=state.epoch, samples=state.samples, **thr)
-            gn = engine.get_global_grad_norm()
-            if gn is not None:
-                values["grad_norm"] = float(gn)
-            if engine.fp16_enabled():
-                values["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else float("nan")
-                values["skipped_steps"] = engine.skipped_steps
-            if device.type == "cuda":
-                values["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            if flops_per_sample:
-                values["tflops_per_gpu"] = thr["img_s"] / world * flops_per_sample / 1e12
-                if peak:
-                    values["mfu"] = values["tflops_per_gpu"] / peak
-            metrics.scalars(state.step, values)
-            terms_txt = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k.startswith("loss"))
-            log.info("step %d/%d epoch %d %s lr=%.3g %.1f img/s data-wait %.0f%% eta %.1f min", state.step,
-                     total_steps, state.epoch, terms_txt, lr, thr["img_s"], 100 * thr["data_wait_frac"], thr["eta_min"])
+            _log_step(engine, state, sums, n, dict(lr=lr, wd=wd, **meter.window(state.step)), metrics, device,
+                      world, flops_per_sample, peak, total_steps)
             sums = {}
         if should_save:
             ckpt.save(engine, state.step, _client_state(state, loader, world, ema))
@@ -199,11 +180,38 @@ def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, o
     return state
 
 
+def _log_step(engine, state: TrainState, sums: dict, n: int, values: dict, metrics: MetricLogger, device,
+              world: int, flops_per_sample: float | None, peak: float | None, total_steps: int) -> None:
+    """The log step: the only place of the loop, with _check_finite, that reads device
+    values on the host (tests/integration/test_host_sync.py holds the rest to none)."""
+    keys = sorted(sums)
+    stacked = torch.stack([sums[k] for k in keys])
+    dist.all_reduce(stacked)  # one collective: the logged losses are means over all ranks
+    values = {**dict(zip(keys, (stacked / n).tolist())), **values, "epoch": state.epoch, "samples": state.samples}
+    gn = engine.get_global_grad_norm()
+    if gn is not None:
+        values["grad_norm"] = float(gn)
+    if engine.fp16_enabled():
+        values["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else float("nan")
+        values["skipped_steps"] = engine.skipped_steps
+    if device.type == "cuda":
+        values["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if flops_per_sample:
+        values["tflops_per_gpu"] = values["img_s"] / world * flops_per_sample / 1e12
+        if peak:
+            values["mfu"] = values["tflops_per_gpu"] / peak
+    metrics.scalars(state.step, values)
+    terms_txt = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k.startswith("loss"))
+    log.info("step %d/%d epoch %d %s lr=%.3g %.1f img/s data-wait %.0f%% eta %.1f min", state.step, total_steps,
+             state.epoch, terms_txt, values["lr"], values["img_s"], 100 * values["data_wait_frac"], values["eta_min"])
+
+
 # ----------------------------------------------------------------------------- tasks
 
 def _engine(module, cfg, ds_cfg, optimizer):
     import deepspeed
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
+    sync_free_clipping(engine.optimizer)  # no host read of the gradient norm in the step
     if cfg["deepspeed"]["compile"] and engine.zero_optimization_stage() == 3:
         log.warning("compiled blocks under ZeRO-3: dynamo traces DeepSpeed's parameter-gathering hooks of every "
                     "submodule (graph breaks, one compile per submodule type). Correct (tested on CPU), but the "
@@ -223,7 +231,9 @@ def _optimizer(groups, cfg, device, ds_cfg: dict, lars: bool = False):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=0.0, betas=tuple(o["betas"]), eps=o["eps"],
                                 weight_decay=o["weight_decay"], adamw_mode=True)
-    fused = bool(o["fused"]) and device.type == "cuda"
+    # Fused AdamW (one kernel for all parameters, no host read of the step count; torch has it
+    # on the CPU too since 2.4, so the CPU tests run the GPU's optimizer path).
+    fused = bool(o["fused"]) and device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
                              fused=fused or None, foreach=None if fused else True)
 

@@ -1,0 +1,102 @@
+"""Host-device synchronisation in the training step (issue #6: no per-step ``.item()``).
+
+A read of a device tensor's value on the host (``.item()``, ``bool(t)``, ``.tolist()``,
+a data-dependent shape such as ``nonzero``) makes the CPU wait until the GPU has drained its
+queue; the next step's kernels are then launched into an idle GPU. Our loop reads values
+only at log and checkpoint steps; this module holds
+
+* :class:`HostSyncWatch`, a ``TorchFunctionMode`` that records every such read with its
+  call stack. It sees the operations themselves, so it works on the CPU as well (the CUDA
+  sync debug mode needs a GPU): the tests run the real trainer, DeepSpeed included, under it.
+* :func:`sync_free_clipping`, which removes the one read DeepSpeed's ZeRO-1/2 optimizer makes
+  per step when it clips gradients.
+"""
+
+from __future__ import annotations
+
+import traceback
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+#: Operations that read a tensor's value (or a data-dependent size) on the host.
+SYNC_OPS = {
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu,
+    torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
+    torch.is_nonzero, torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.masked_select,
+    torch.Tensor.masked_select, torch.unique, torch.Tensor.unique, torch.unique_consecutive,
+}
+
+
+def _bool_index(args) -> bool:
+    """``t[mask]`` with a boolean mask: the result's size depends on the mask's values."""
+    index = args[1] if len(args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class HostSyncWatch(TorchFunctionMode):
+    """Records host reads of tensor values while active: ``calls`` is a list of
+    (operation name, stack as a list of ``FrameSummary``).
+
+    ``ignore``: function names; a call with any of them on its stack is not recorded (the
+    places where reading values is intended, e.g. the logging of the training loop).
+    Operations inside a compiled region are not seen (they are not Python calls there).
+    """
+
+    def __init__(self, ignore: tuple[str, ...] = ()):
+        super().__init__()
+        self.ignore = set(ignore)
+        self.calls: list[tuple[str, list]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS or (func is torch.Tensor.__getitem__ and _bool_index(args)):
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.name in self.ignore for f in stack):
+                self.calls.append((getattr(func, "__name__", str(func)), stack))
+        return func(*args, **kwargs)
+
+    def report(self, frames: int = 4) -> str:
+        """One line per distinct call site, most frequent first."""
+        counts: dict[str, int] = {}
+        for name, stack in self.calls:
+            site = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(stack[-frames:]))
+            key = f"{name} at {site}"
+            counts[key] = counts.get(key, 0) + 1
+        return "\n".join(f"{n:5d} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _clip_on_device(self, grad_groups_flat, total_norm):
+    """DeepSpeed ZeRO-1/2's ``unscale_and_clip_grads`` with the same arithmetic, but the
+    check for an invalid norm (inf, NaN or DeepSpeed's -1 sentinel) is a device-side select
+    instead of a Python ``if`` on the tensor. As in DeepSpeed, an invalid norm scales the
+    gradients by 1/inf, so non-finite gradients stay non-finite and the loop's finite-loss
+    check stops the run."""
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        norm = torch.as_tensor(total_norm, dtype=torch.float, device=self.device)
+        valid = torch.isfinite(norm) & (norm >= 0)
+        clip_norm = torch.where(valid, norm, torch.full_like(norm, float("inf")))
+        clip = torch.clamp(((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
+        combined_scale = clip * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.mul_(1.0 / combined_scale)
+
+
+def sync_free_clipping(optimizer) -> bool:
+    """Install :func:`_clip_on_device` on a DeepSpeed ZeRO-1/2 optimizer instance (only on
+    that instance; DeepSpeed's class is untouched). Returns whether it applied: other
+    optimizers (ZeRO-3, whose step checks the norm on the host anyway; no ZeRO) are left as
+    they are. ``tests/integration/test_host_sync.py`` checks both the arithmetic (same
+    trajectory as torch's AdamW + ``clip_grad_norm_``) and that the step then reads nothing."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if type(optimizer) is not DeepSpeedZeroOptimizer or not hasattr(optimizer, "unscale_and_clip_grads"):
+        return False
+    optimizer.unscale_and_clip_grads = types.MethodType(_clip_on_device, optimizer)
+    return True

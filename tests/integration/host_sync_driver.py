@@ -1,0 +1,82 @@
+"""Driver for test_host_sync.py, run by the deepspeed launcher on 2 CPU ranks.
+
+1. The optimizer step of our DeepSpeed engine (built by the trainer's own _optimizer /
+   _engine / deepspeed_config) against torch's AdamW on the whole batch in one process:
+   without clipping, and with clipping (our device-side clip replaces DeepSpeed's), over
+   steps whose loss scales differ 1000-fold so that clipping changes the trajectory.
+2. The real pre-training loop (``run_pretrain``, ZeRO-2, bf16, fused AdamW, clipping) under
+   HostSyncWatch: every host read of a tensor value outside the log step is recorded.
+"""
+
+import argparse
+import copy
+import json
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from itpn.engine.config import deepspeed_config, load_config
+from itpn.engine.host_sync import HostSyncWatch
+from itpn.engine.param_groups import param_groups
+from itpn.engine.runner import _engine, _optimizer, init_distributed, run_pretrain
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+p.add_argument("--data", required=True)
+p.add_argument("--run-dir", required=True)
+p.add_argument("--local_rank", type=int, default=0)
+args = p.parse_args()
+
+rank, world, _, device = init_distributed()
+GLOBAL, LR, SCALES = 8, 1e-2, (1.0, 30.0, 0.03, 1.0)
+result = {"arith": {}}
+
+for zero, clip in (("zero1", None), ("zero2", None), ("zero1", 0.05), ("zero2", 0.05)):
+    cfg = load_config("demo", [f"deepspeed.fragments=[{zero}, fp32, clip_grad]", f"data.batch_size={GLOBAL // world}",
+                               f"optim.clip_grad={'null' if clip is None else clip}"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    ref = copy.deepcopy(model)
+    ds_cfg = deepspeed_config(cfg, world)
+    opt = _optimizer(param_groups(model, 0.05), cfg, device, ds_cfg)
+    ref_opt = torch.optim.AdamW(param_groups(ref, 0.05), lr=LR, betas=tuple(cfg["optim"]["betas"]),
+                                eps=cfg["optim"]["eps"], weight_decay=0.05)
+    for g in opt.param_groups:
+        g["lr"] = LR
+    engine = _engine(model, cfg, ds_cfg, opt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(GLOBAL, 8, generator=g)
+    part = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
+    norms = []
+    for scale in SCALES:
+        loss = engine(x[part]).square().mean() * scale
+        engine.backward(loss)
+        engine.step()
+        ref_loss = ref(x).square().mean() * scale
+        ref_loss.backward()
+        norms.append(float(nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else float("inf"))))
+        ref_opt.step()
+        ref_opt.zero_grad()
+    err = max(((a.detach() - b.detach()).abs().max() / b.detach().abs().max()).item()
+              for a, b in zip(engine.module.parameters(), ref.parameters()))
+    result["arith"][f"{zero}/clip={clip}"] = {"max_rel_err": err, "ref_grad_norms": norms}
+    del engine
+
+watch = HostSyncWatch(ignore=("_log_step", "_check_finite"))
+cfg = load_config("demo", [f"data.train={args.data}", f"run_dir={args.run_dir}", "optim.epochs=0.4",
+                           "deepspeed.fragments=[zero2, bf16, clip_grad]", "deepspeed.compile=false", "optim.fused=true",
+                           "data.num_workers=1", "log.every_steps=3", "log.tensorboard=false",
+                           "checkpoint.every_steps=1000"])
+with watch:
+    state = run_pretrain(cfg)
+# Reads inside the loop's steps; the loader's own bookkeeping in the main process (torch's
+# DataLoader seeding its workers) reads host tensors only.
+in_step = [(n, s) for n, s in watch.calls
+           if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
+watch.calls = in_step
+result.update(steps=state.step, syncs=len(in_step), report=watch.report(6))
+dist.barrier()
+if rank == 0:
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
