@@ -163,6 +163,13 @@ class PixelMIM(nn.Module):
         x = levels[0] + self.decoder.pos_embed.to(levels[0].dtype) + levels[1] + levels[2]
         return self.decoder(x)  # (B, N, p*p*3)
 
+    def _check_keep_counts(self, mask: torch.Tensor) -> None:
+        """Host-side check of a CPU mask (B, N): every sample keeps ``num_keep`` patches."""
+        counts = (~mask).sum(1)
+        if (counts != self.num_keep).any():
+            raise ValueError(f"every sample must keep {self.num_keep} of {mask.shape[1]} patches "
+                             f"(mask ratio {1 - self.num_keep / mask.shape[1]:.3f}), got {counts.tolist()}")
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, 3, H, W); mask (B, N), 1/True = removed, ``N - num_keep`` in every sample
         (checked when the mask is on the CPU in eager mode; on a GPU the check would be a host
@@ -173,10 +180,7 @@ class PixelMIM(nn.Module):
         mask = mask.bool()
         B, N = mask.shape
         if mask.device.type == "cpu" and not torch.compiler.is_compiling():
-            counts = (~mask).sum(1)
-            if (counts != self.num_keep).any():
-                raise ValueError(f"every sample must keep {self.num_keep} of {N} patches "
-                                 f"(mask ratio {1 - self.num_keep / N:.3f}), got {counts.tolist()}")
+            self._check_keep_counts(mask)
         # Visible patches in raster order: (B, n). Stages 1-2 are per-token and stage 3 has no
         # order-dependent term besides the position embedding, so the order is immaterial.
         ids_keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : self.num_keep]

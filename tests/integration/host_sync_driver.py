@@ -4,8 +4,9 @@
    _engine / deepspeed_config) against torch's AdamW on the whole batch in one process:
    without clipping, and with clipping (our device-side clip replaces DeepSpeed's), over
    steps whose loss scales differ 1000-fold so that clipping changes the trajectory.
-2. The real pre-training loop (``run_pretrain``, ZeRO-2, bf16, fused AdamW, clipping) under
-   HostSyncWatch: every host read of a tensor value outside the log step is recorded.
+2. The real pre-training loop (``run_pretrain``, ZeRO-2, bf16, fused AdamW; CLIP-MFM with
+   clipping, pixel MIM + EMA without) under HostSyncWatch: every host read of a tensor value
+   outside the log step is recorded.
 """
 
 import argparse
@@ -63,19 +64,26 @@ for zero, clip in (("zero1", None), ("zero2", None), ("zero1", 0.05), ("zero2", 
     result["arith"][f"{zero}/clip={clip}"] = {"max_rel_err": err, "ref_grad_norms": norms}
     del engine
 
-watch = HostSyncWatch(ignore=("_log_step", "_check_finite"))
-cfg = load_config("demo", [f"data.train={args.data}", f"run_dir={args.run_dir}", "optim.epochs=0.4",
-                           "deepspeed.fragments=[zero2, bf16, clip_grad]", "deepspeed.compile=false", "optim.fused=true",
-                           "data.num_workers=1", "log.every_steps=3", "log.tensorboard=false",
-                           "checkpoint.every_steps=1000"])
-with watch:
-    state = run_pretrain(cfg)
-# Reads inside the loop's steps; the loader's own bookkeeping in the main process (torch's
-# DataLoader seeding its workers) reads host tensors only.
-in_step = [(n, s) for n, s in watch.calls
-           if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
-watch.calls = in_step
-result.update(steps=state.step, syncs=len(in_step), report=watch.report(6))
+# CLIP-MFM with clipping (the CLIP recipes), and pixel MIM + EMA-teacher MFM without (the
+# pixel recipes; the EMA update runs after every step). The reconstruction image written
+# every log.image_every_steps reads the batch on purpose; pixel MIM checks the mask's
+# per-sample counts only when the mask is on the CPU (never on a GPU: it would be a sync).
+PIXEL = ["objective.kind=pixel", "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4",
+         "objective.mfm_weight=0.3", "data.mask_kind=random", "optim.clip_grad=null", "log.image_every_steps=2"]
+result["loops"] = {}
+for name, extra in (("clip", []), ("pixel", PIXEL)):
+    watch = HostSyncWatch(ignore=("_log_step", "_check_finite", "mim_grid", "_check_keep_counts"))
+    cfg = load_config("demo", [f"data.train={args.data}", f"run_dir={args.run_dir}/{name}", "optim.epochs=0.4",
+                               "deepspeed.fragments=[zero2, bf16, clip_grad]", "deepspeed.compile=false",
+                               "optim.fused=true", "data.num_workers=1", "log.every_steps=3", "log.tensorboard=false",
+                               "checkpoint.every_steps=1000", *extra])
+    with watch:
+        state = run_pretrain(cfg)
+    # Reads inside the loop's steps; the loader's own bookkeeping in the main process (torch's
+    # DataLoader seeding its workers) reads host tensors only.
+    watch.calls = [(n, s) for n, s in watch.calls
+                   if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
+    result["loops"][name] = dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
 dist.barrier()
 if rank == 0:
     with open(args.out, "w") as f:

@@ -34,6 +34,8 @@ def test_step_matches_torch_adamw(driver_result, zero, clip):
     assert r["max_rel_err"] < 1e-5, r
 
 
-def test_training_loop_reads_no_device_value_between_log_steps(driver_result):
-    assert driver_result["steps"] == 6
-    assert driver_result["syncs"] == 0, "host reads inside the step:\n" + driver_result["report"]
+@pytest.mark.parametrize("objective", ["clip", "pixel"])
+def test_training_loop_reads_no_device_value_between_log_steps(driver_result, objective):
+    r = driver_result["loops"][objective]
+    assert r["steps"] == 6
+    assert r["syncs"] == 0, "host reads inside the step:\n" + r["report"]
