@@ -303,7 +303,7 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
         if device.type == "cuda":
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if profile:
-            write_profile(step, device, profile)
+            result["profile"] = write_profile(step, device, profile)
     result["teacher_gflop"] = teacher_flops(step.teacher) / 1e9
     if hasattr(batches, "close"):  # a loader generator: closing it stops the workers
         batches.close()
@@ -314,17 +314,77 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
     return result
 
 
-def write_profile(step, device, path: str) -> None:
+#: Kernel (or, on the CPU, operator) name -> category of the profile summary; first match wins,
+#: so attention comes before GEMM (the memory-efficient kernels are CUTLASS kernels too).
+#: Inductor names its kernels after the ATen ops it fused (triton_red_fused__to_copy_div_mul_sum:
+#: a reduction over a cast, a division and products), which says where a kernel comes from.
+KERNEL_CATEGORIES = (
+    ("attention backward", r"fmha_cutlassB|fmha\w*bwd|flash\w*bwd|attention_backward|flex_attention_backward"),
+    ("attention forward", r"fmha_cutlassF|fmha\w*fwd|flash\w*fwd|attention_forward|flex_attention|scaled_dot_product|_attention"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("GEMM", r"gemm|nvjet|xmma|cublas|cutlass|addmm|\bmm\b|bmm|matmul|linear|triton_tem_fused_(addmm|mm|bmm)"),
+    ("reduction (Triton)", r"triton_red|triton_per"),
+    ("pointwise (Triton)", r"triton_poi"),
+    ("norm / activation (eager)", r"layer_norm|gelu|softmax"),
+    ("copy / cast / fill", r"copy|cat\b|CatArray|memcpy|memset|fill|contiguous|elementwise_kernel"),
+    ("collective", r"nccl|all_reduce|allreduce|reduce_scatter|all_gather"),
+)
+
+
+def kernel_category(name: str) -> str:
+    import re
+    for category, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return category
+    return "other"
+
+
+def profile_summary(kernels: list[tuple[str, float, int]], steps: int) -> tuple[list[dict], str]:
+    """``kernels``: (name, total microseconds, calls) -> one row per category (ms per step,
+    share, the three costliest names) and the same as text."""
+    total = sum(t for _, t, _ in kernels) or 1.0
+    cats: dict[str, list] = {}
+    for name, t, n in kernels:
+        cats.setdefault(kernel_category(name), []).append((t, n, name))
+    rows = []
+    for cat, items in sorted(cats.items(), key=lambda kv: -sum(t for t, _, _ in kv[1])):
+        items.sort(reverse=True)
+        t = sum(i[0] for i in items)
+        rows.append(dict(category=cat, ms_per_step=t / 1e3 / steps, pct=100 * t / total,
+                         calls_per_step=sum(i[1] for i in items) / steps,
+                         top=[f"{name[:80]} ({100 * ti / total:.1f}%)" for ti, _, name in items[:3]]))
+    lines = [f"{'category':22s} {'ms/step':>8s} {'%':>5s} {'calls/step':>10s}  costliest"]
+    for r in rows:
+        lines.append(f"{r['category']:22s} {r['ms_per_step']:8.2f} {r['pct']:5.1f} {r['calls_per_step']:10.0f}  "
+                     + "; ".join(r["top"]))
+    return rows, "\n".join(lines)
+
+
+def write_profile(step, device, path: str, steps: int = 3) -> list[dict]:
+    """Profiles ``steps`` steps; writes the summary by kernel category, then the kernel table, to
+    ``path``, and returns the summary rows. On the GPU the entries are the device kernels; on
+    the CPU, operators by self time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=acts) as prof:
-        for _ in range(3):
+        for _ in range(steps):
             step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = prof.key_averages()
+    if cuda:
+        kernels = [(e.key, e.self_device_time_total, e.count) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        kernels = [(e.key, e.self_cpu_time_total, e.count) for e in events]
+    rows, text = profile_summary(kernels, steps)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+        f.write(f"# {steps} profiled steps, {'GPU kernels' if cuda else 'CPU operators (self time)'}\n{text}\n\n")
+        f.write(events.table(sort_by=key, row_limit=60, max_name_column_width=110))
+    print(text)
+    return rows
 
 
 def largest_batch(fits, start: int, limit: int, granularity: int = 8) -> int:
@@ -397,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infer", action="store_true", help="classifier inference throughput instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results here (JSON lines)")
-    parser.add_argument("--profile", help="write a kernel table (3 profiled steps of the last setting) here")
+    parser.add_argument("--profile", help="profile 3 steps of the last setting: kernel time by category (also in the "
+                                          "JSON row), then the kernel table, written here")
     parser.add_argument("--ckpt-every", type=int, default=0,
                         help="activation checkpointing on every k-th block of the student (0: off)")
     parser.add_argument("--data", help="a folder of pre-training shards (itpn-prep): also time every setting fed "

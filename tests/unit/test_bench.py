@@ -97,3 +97,42 @@ def test_vit_flops_formula_matches_counter():
     n = (64 // teacher.patch_size) ** 2 + 1
     counted = c.get_total_flops() + teacher.layers * 4 * n * n * teacher.width
     assert abs(counted - expect) / expect < 0.005, (counted, expect)
+
+
+def test_kernel_categories_of_h100_kernel_names():
+    # Names as the H100 profile of the compiled CLIP-L step printed them (docs/performance.md).
+    names = {
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention backward",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention forward",
+        "flash_fwd_kernel": "attention forward",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "GEMM",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "GEMM",
+        "triton_red_fused__to_copy_div_mul_sum_12": "reduction (Triton)",
+        "triton_per_fused_native_layer_norm_3": "reduction (Triton)",
+        "triton_poi_fused_gelu_7": "pointwise (Triton)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "collective",
+        "Memcpy HtoD (Pinned -> Device)": "copy / cast / fill",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm / activation (eager)",
+        "some_unknown_kernel": "other",
+    }
+    for name, category in names.items():
+        assert bench.kernel_category(name) == category, name
+    times = [100.0 * (i + 1) for i in range(len(names) - 1)] + [1e4]  # microseconds; the unknown kernel costliest
+    rows, text = bench.profile_summary(list(zip(names, times, [2] * len(names))), steps=2)
+    assert abs(sum(r["pct"] for r in rows) - 100) < 1e-6
+    assert rows[0]["category"] == "other" and rows[0]["ms_per_step"] == pytest.approx(5.0)
+    assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
+    assert sum(r["ms_per_step"] for r in rows) == pytest.approx(sum(times) / 2e3)
+    assert "attention backward" in text
+
+
+def test_bench_profile_cpu(tmp_path):
+    out = tmp_path / "prof.txt"
+    rows = tmp_path / "b.jsonl"
+    assert bench.main(["--recipe", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                       "--ladder", "fused", "--profile", str(out), "--json", str(rows)]) == 0
+    text = out.read_text()
+    assert text.startswith("# 3 profiled steps") and "GEMM" in text
+    (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert {r["category"] for r in row["profile"]} >= {"GEMM", "optimizer"}
