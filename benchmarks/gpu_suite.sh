@@ -6,7 +6,8 @@
 #                                     blocks vs eager, no host sync in the step; the attention
 #                                     microbenchmark (bias-gradient cost, cuDNN backend)
 #   benchmarks/gpu_suite.sh clip_l    the ladder for iTPN-L + CLIP-L/14@196, whole-model compile,
-#                                     and the step inside DeepSpeed ZeRO-1 (the trainer's setting)
+#                                     and the step inside DeepSpeed ZeRO-1 (the trainer's setting);
+#                                     kernel-time profiles by category of both compiled steps
 #   benchmarks/gpu_suite.sh memory    largest batch without activation checkpointing (compiled)
 #   benchmarks/gpu_suite.sh memory_ckpt  ... with checkpointing on every block (compiled)
 #   benchmarks/gpu_suite.sh offload24 ZeRO-3 + CPU offload (+ checkpointing) under a 24 GiB cap
@@ -29,9 +30,10 @@ case "${1:?part: check | clip_l | memory | memory_ckpt | offload24 | loader | cl
     python -m pytest -q tests/gpu
     python benchmarks/bench_attention.py ;;
   clip_l)
-    bench --recipe clip_l --batch 128 --steps 10
+    bench --recipe clip_l --batch 128 --steps 10 --profile "$OUT/profile_clip_l_compile.txt"
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model
-    bench --recipe clip_l --batch 128 --steps 10 --ladder fused compile --zero zero1 ;;
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fused compile --zero zero1 \
+      --profile "$OUT/profile_clip_l_compile_zero1.txt" ;;
   memory)  # every probe recompiles (static shapes): start near the known answer (192 fits, 65 GiB)
     bench --recipe clip_l --batch 192 --steps 3 --warmup 1 --ladder compile --max-batch --max-batch-limit 320 ;;
   memory_ckpt)  # eager checkpointing fitted batch 384 in 33.7 GiB

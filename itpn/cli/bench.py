@@ -203,13 +203,12 @@ class TrainStep:
         self.batches, self.current = batches, {}
         self.engine = None
         if zero:
-            self.engine = deepspeed_engine(cfg, model, zero, setting["dtype"], batch, device)
+            self.engine = deepspeed_engine(cfg, model, zero, setting["dtype"], setting["fused"], batch, device)
             return
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
-                                     fused=setting["fused"] and device.type == "cuda",
-                                     foreach=False if not setting["fused"] else None)
+                                     fused=setting["fused"] or None, foreach=False if not setting["fused"] else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=setting["dtype"] == "fp16")
 
     def teacher_fwd(self):
@@ -245,14 +244,14 @@ class TrainStep:
         self.optimizer_step()
 
 
-def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, batch: int, device):
+def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, fused: bool, batch: int, device):
     from ..engine.config import deepspeed_config
     from ..engine.param_groups import param_groups
     from ..engine.runner import _engine, _optimizer, init_distributed
     _, world, _, _ = init_distributed()
     fragments = [f for f in cfg["deepspeed"]["fragments"] if not f.startswith("zero") and f not in DTYPES]
     cfg = {**cfg, "deepspeed": {**cfg["deepspeed"], "fragments": [zero, dtype, *fragments], "grad_accum": 1},
-           "data": {**cfg["data"], "batch_size": batch}, "optim": {**cfg["optim"], "total_batch": None}}
+           "data": {**cfg["data"], "batch_size": batch}, "optim": {**cfg["optim"], "total_batch": None, "fused": fused}}
     ds_cfg = deepspeed_config(cfg, world)
     opt = _optimizer(param_groups(model, cfg["optim"]["weight_decay"]), cfg, device, ds_cfg)
     for g in opt.param_groups:
@@ -262,7 +261,7 @@ def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, batch: int, device
 
 def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
                 split: bool = True, profile: str | None = None, ckpt_every: int = 0, loader=None,
-                zero: str | None = None) -> dict:
+                zero: str | None = None, check_syncs: bool = False) -> dict:
     torch._dynamo.reset()  # fresh graphs: a second batch size would otherwise recompile with dynamic shapes
     if loader is None:
         fixed = make_batch(cfg, batch, device)
@@ -302,6 +301,8 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
             result.update({f"{k}_pct": 100 * v / total for k, v in times.items()})
         if device.type == "cuda":
             result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        if check_syncs:
+            result.update(count_host_syncs(step, device))
         if profile:
             result["profile"] = write_profile(step, device, profile)
     result["teacher_gflop"] = teacher_flops(step.teacher) / 1e9
@@ -312,6 +313,33 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def count_host_syncs(step, device) -> dict:
+    """Host-device synchronisations in one step: "host_reads", the reads of tensor values
+    that HostSyncWatch sees from Python (any device), and on CUDA "cuda_syncs", every
+    synchronising CUDA call that the sync debug mode reports (from C++ too); "sync_report"
+    says where."""
+    import warnings
+
+    from ..engine.host_sync import HostSyncWatch
+    watch = HostSyncWatch()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught, watch:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    if cuda:  # reads of host tensors (e.g. an unfused optimizer's step counts) do not synchronise
+        watch.calls = [c for c in watch.calls if c[2] != "cpu"]
+    cuda_syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    report = "\n".join(filter(None, [watch.report(6)] + [f"    1 x CUDA: {m}" for m in cuda_syncs]))
+    return dict(host_reads=len(watch.calls), cuda_syncs=len(cuda_syncs) if cuda else None, sync_report=report)
 
 
 #: Kernel (or, on the CPU, operator) name -> category of the profile summary; first match wins,
@@ -472,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="for each setting, search the largest batch that fits (doubling from --batch, then "
                              "bisecting to a multiple of 8) and time it")
     parser.add_argument("--max-batch-limit", type=int, default=4096)
+    parser.add_argument("--check-syncs", action="store_true",
+                        help="after timing, count the host-device synchronisations of one more step (host reads of "
+                             "tensor values; on CUDA also CUDA's sync debug mode) and print where they happen")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -512,7 +543,8 @@ def run_training(args, device, peak: float) -> list[dict]:
         label = name + suffix + ("+data" if loader is not None else "")
         try:
             r = run_setting(cfg, label, LADDER[name], batch, steps, warm, device, split=split, profile=profile,
-                            ckpt_every=args.ckpt_every, loader=loader, zero=args.zero)
+                            ckpt_every=args.ckpt_every, loader=loader, zero=args.zero,
+                            check_syncs=args.check_syncs and loader is None)
         except torch.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
@@ -560,6 +592,11 @@ def run_training(args, device, peak: float) -> list[dict]:
                      if "teacher_pct" in r else f"{'-':>8s} {'-':>8s} {'-':>6s}")
             print(f"{head} {r['img_s']:8.1f} {r['speedup']:7.2f} {r['tflops']:8.1f} {r['mfu_pct']:5.1f} "
                   f"{r.get('peak_gib', float('nan')):8.1f} {split}" + ("  largest batch" if r.get("max_batch") else ""))
+    for r in rows:
+        if "host_reads" in r:
+            cuda = "" if r["cuda_syncs"] is None else f", {r['cuda_syncs']} synchronising CUDA calls"
+            print(f"{r['setting']} (batch {r['batch']}): one step made {r['host_reads']} host reads of tensor values"
+                  f"{cuda}" + (f"\n{r['sync_report']}" if r["sync_report"] else ""))
     return rows
 
 

@@ -38,7 +38,9 @@ def _bool_index(args) -> bool:
 
 class HostSyncWatch(TorchFunctionMode):
     """Records host reads of tensor values while active: ``calls`` is a list of
-    (operation name, stack as a list of ``FrameSummary``).
+    (operation name, stack as a list of ``FrameSummary``, the tensor's device type). Only
+    reads of device tensors synchronise on a GPU; on the CPU every read is recorded, as the
+    stand-in for what would be a device tensor there.
 
     ``ignore``: function names; a call with any of them on its stack is not recorded (the
     places where reading values is intended, e.g. the logging of the training loop).
@@ -48,20 +50,22 @@ class HostSyncWatch(TorchFunctionMode):
     def __init__(self, ignore: tuple[str, ...] = ()):
         super().__init__()
         self.ignore = set(ignore)
-        self.calls: list[tuple[str, list]] = []
+        self.calls: list[tuple[str, list, str]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in SYNC_OPS or (func is torch.Tensor.__getitem__ and _bool_index(args)):
             stack = traceback.extract_stack()[:-1]
             if not any(f.name in self.ignore for f in stack):
-                self.calls.append((getattr(func, "__name__", str(func)), stack))
+                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                where = tensor.device.type if tensor is not None else "cpu"
+                self.calls.append((getattr(func, "__name__", str(func)), stack, where))
         return func(*args, **kwargs)
 
     def report(self, frames: int = 4) -> str:
         """One line per distinct call site, most frequent first."""
         counts: dict[str, int] = {}
-        for name, stack in self.calls:
+        for name, stack, _ in self.calls:
             site = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(stack[-frames:]))
             key = f"{name} at {site}"
             counts[key] = counts.get(key, 0) + 1

@@ -117,3 +117,22 @@ def test_training_step_has_no_host_sync(recipe, setting):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("setting", ["fused", "compile"])
+def test_deepspeed_zero1_step_has_no_host_sync(tmp_path, setting):
+    """The trainer's engine (DeepSpeed ZeRO-1, bf16, clipping; our device-side clip and no
+    bf16 overflow check) after warm-up: no host read of a device tensor and no synchronising
+    CUDA call in a step (``itpn-bench --check-syncs``; a subprocess, as DeepSpeed initialises
+    a process group)."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "b.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "itpn.cli.bench", "--recipe", "tiny", "--batch", "4", "--steps", "2",
+                           "--warmup", "2", "--ladder", setting, "--zero", "zero1", "--check-syncs", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["zero_stage"] == 1
+    assert row["host_reads"] == 0 and row["cuda_syncs"] == 0, row["sync_report"]

@@ -81,7 +81,7 @@ for name, extra in (("clip", []), ("pixel", PIXEL)):
         state = run_pretrain(cfg)
     # Reads inside the loop's steps; the loader's own bookkeeping in the main process (torch's
     # DataLoader seeding its workers) reads host tensors only.
-    watch.calls = [(n, s) for n, s in watch.calls
+    watch.calls = [(n, s, d) for n, s, d in watch.calls
                    if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
     result["loops"][name] = dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
 dist.barrier()

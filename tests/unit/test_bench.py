@@ -136,3 +136,21 @@ def test_bench_profile_cpu(tmp_path):
     assert text.startswith("# 3 profiled steps") and "GEMM" in text
     (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
     assert {r["category"] for r in row["profile"]} >= {"GEMM", "optimizer"}
+
+
+def test_bench_check_syncs_counts_host_reads(tmp_path):
+    # The naive setting's GradScaler reads its inf flag on the host every step (fp16): seen.
+    # The fused bf16 step reads nothing, also inside DeepSpeed ZeRO-1 (the trainer's engine;
+    # in a subprocess, as it initialises a process group).
+    out = tmp_path / "b.jsonl"
+    assert bench.main(["--recipe", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                       "--ladder", "naive", "fused", "--check-syncs", "--json", str(out)]) == 0
+    naive, fused = [json.loads(line) for line in out.read_text().splitlines()]
+    assert naive["host_reads"] > 0 and "grad_scaler.py" in naive["sync_report"]
+    assert fused["host_reads"] == 0, fused["sync_report"]
+    proc = subprocess.run([sys.executable, "-m", "itpn.cli.bench", "--recipe", "tiny", "--batch", "4", "--steps", "1",
+                           "--warmup", "1", "--device", "cpu", "--ladder", "fused", "--zero", "zero1", "--check-syncs",
+                           "--json", str(tmp_path / "z.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "z.jsonl").read_text().splitlines()]
+    assert row["zero_stage"] == 1 and row["host_reads"] == 0, row["sync_report"]
