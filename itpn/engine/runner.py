@@ -29,7 +29,7 @@ from .build import (apply_block_options, backbone_config, build_classifier, buil
                     build_val_loader, finetune_augment, pretrain_loader)
 from .checkpoint import CheckpointManager, atomic_torch_save
 from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
-from .faults import maybe_die
+from .faults import maybe_die, maybe_inf_grad
 from .host_sync import sync_free_clipping
 from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
 from .param_groups import param_groups
@@ -112,12 +112,30 @@ def _client_state(state: TrainState, loader, world: int, ema=None) -> dict:
 # ----------------------------------------------------------------------------- the loop
 
 def _check_finite(bad: torch.Tensor, step: int, ckpt: CheckpointManager) -> None:
-    """All ranks agree whether any rank saw a non-finite loss since the last check."""
+    """All ranks agree whether any rank saw a non-finite loss or gradient since the last check."""
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item() > 0:
         last = ckpt.resolve("auto")
-        raise NonFiniteLoss(f"non-finite loss at or before step {step}; stopping without saving. Last good "
-                            f"checkpoint: {os.path.join(*last) if last else 'none'}")
+        raise NonFiniteLoss(f"non-finite loss or gradient at or before step {step}; stopping without saving. "
+                            f"Last good checkpoint: {os.path.join(*last) if last else 'none'}")
+
+
+def _applies_bad_steps(engine) -> bool:
+    """Whether DeepSpeed applies a step whose gradient norm is not finite: fp16, ZeRO-3,
+    BF16_Optimizer and ZeRO-1/2 with an overflow check skip it (the weights stay good); bf16
+    ZeRO-1/2 without the check (ds_configs/bf16.json) and fp32 apply it, and the weights stop
+    being finite."""
+    return not engine.fp16_enabled() and not getattr(engine.optimizer, "check_grad_overflow", True)
+
+
+def _invalid_norm(norm) -> torch.Tensor | float:
+    """1 when a gradient norm is not finite (DeepSpeed masks inf/NaN norms to -1), on the
+    norm's device: no host read for a tensor."""
+    if norm is None:
+        return 0.0
+    if torch.is_tensor(norm):
+        return ((norm < 0) | ~torch.isfinite(norm)).float()
+    return float(not math.isfinite(norm) or norm < 0)
 
 
 def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, optimizer, *, total_steps: int,
@@ -125,13 +143,14 @@ def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, o
                device, flops_per_sample: float | None, after_step=None, on_epoch_end=None, ema=None) -> TrainState:
     """One linear loop over optimizer steps: fetch, forward/backward (``step_fn``), schedule,
     step, log, checkpoint. Loss terms stay on the device between log steps (no per-step
-    host sync); a non-finite loss on any rank stops the run at the next log step, before
-    any checkpoint could store it."""
+    host sync); a non-finite loss, or a non-finite gradient that DeepSpeed applied, on any
+    rank stops the run at the next log or save step, before any checkpoint could store it."""
     accum = engine.gradient_accumulation_steps()
     log_every, save_every = cfg["log"]["every_steps"], cfg["checkpoint"]["every_steps"]
     peak = device_peak_tflops(device)
     sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), device=device)
+    guard_grads = _applies_bad_steps(engine)
     meter = Throughput(total_steps, state.step)
     micro = 0
     t_fetch = time.perf_counter()
@@ -147,7 +166,7 @@ def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, o
             continue
         wait = time.perf_counter() - t_fetch
         terms = step_fn(batch)
-        loss = terms["loss"]
+        loss = maybe_inf_grad(terms["loss"], state.step + 1)
         engine.backward(loss)
         micro += 1
         if engine.is_gradient_accumulation_boundary():
@@ -156,6 +175,8 @@ def train_loop(engine, loader, step_fn, state: TrainState, schedule: Schedule, o
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
         bad += (~torch.isfinite(loss.detach())).float()
+        if guard_grads:  # this step's update may have made the weights non-finite: never save them
+            bad += _invalid_norm(engine.get_global_grad_norm())
         meter.add(batch["image"].shape[0] * world, wait)
         if micro % accum:
             t_fetch = time.perf_counter()

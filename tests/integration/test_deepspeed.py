@@ -113,6 +113,19 @@ def test_nonfinite_loss_stops_before_saving(tmp_path, demo_data):
     assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
 
 
+def test_nonfinite_gradient_is_never_saved(tmp_path, demo_data):
+    # bf16 ZeRO-2 applies a step with infinite gradients (no per-step overflow check: it would
+    # be a host sync); step 8's loss is finite, its update is not. Step 8 is a save step and
+    # no log step: the save must be refused, and the step-4 checkpoint stay the latest.
+    run = tmp_path / "run"
+    proc = _pretrain(run, demo_data, "deepspeed.fragments=[zero2, bf16]", "log.every_steps=100",
+                     "optim.clip_grad=null", fault="inf_grad:8", check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient at or before step 8" in proc.stderr, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (run / "checkpoints" / "step_00000008").exists()
+
+
 def test_resume_on_another_number_of_ranks(tmp_path, demo_data):
     """A fixed global batch of 32: 1 rank x 2 accumulation steps, then 2 ranks x 1."""
     run = tmp_path / "run"
