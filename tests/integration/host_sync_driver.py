@@ -6,7 +6,7 @@
    steps whose loss scales differ 1000-fold so that clipping changes the trajectory.
 2. The real pre-training loop (``run_pretrain``, ZeRO-2, bf16, fused AdamW; CLIP-MFM with
    clipping, pixel MIM + EMA without) under HostSyncWatch: every host read of a tensor value
-   outside the log step is recorded.
+   outside the log step is recorded; then the fine-tuning loop (mixup, model EMA) the same way.
 """
 
 import argparse
@@ -20,7 +20,7 @@ from torch import nn
 from itpn.engine.config import deepspeed_config, load_config
 from itpn.engine.host_sync import HostSyncWatch
 from itpn.engine.param_groups import param_groups
-from itpn.engine.runner import _engine, _optimizer, init_distributed, run_pretrain
+from itpn.engine.runner import _engine, _optimizer, init_distributed, run_finetune, run_pretrain
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -84,6 +84,18 @@ for name, extra in (("clip", []), ("pixel", PIXEL)):
     watch.calls = [(n, s, d) for n, s, d in watch.calls
                    if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
     result["loops"][name] = dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
+
+# Fine-tuning: mixup/cutmix, layer decay, a model EMA updated after every step.
+watch = HostSyncWatch(ignore=("_log_step", "_check_finite"))
+cfg = load_config("demo_finetune", [f"data.train={args.data}", f"data.val={args.data.rsplit('/', 1)[0]}/val",
+                                    f"run_dir={args.run_dir}/finetune", "model.init=null", "optim.epochs=0.4",
+                                    "optim.model_ema=0.99", "deepspeed.fragments=[zero2, bf16]", "optim.fused=true",
+                                    "log.every_steps=3", "log.tensorboard=false", "checkpoint.every_steps=1000"])
+with watch:
+    state = run_finetune(cfg)
+watch.calls = [(n, s, d) for n, s, d in watch.calls
+               if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
+result["loops"]["finetune"] = dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
 dist.barrier()
 if rank == 0:
     with open(args.out, "w") as f:

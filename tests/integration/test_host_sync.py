@@ -34,7 +34,7 @@ def test_step_matches_torch_adamw(driver_result, zero, clip):
     assert r["max_rel_err"] < 1e-5, r
 
 
-@pytest.mark.parametrize("objective", ["clip", "pixel"])
+@pytest.mark.parametrize("objective", ["clip", "pixel", "finetune"])
 def test_training_loop_reads_no_device_value_between_log_steps(driver_result, objective):
     r = driver_result["loops"][objective]
     assert r["steps"] == 6
