@@ -190,10 +190,10 @@ class PixelMIM(nn.Module):
         out = {"pred": pred, "loss_pix": loss, "mask": mask}
         if self.ema is not None:
             # The EMA weights stay fp32; their forward runs in the training precision.
-            # (Not on the meta device, where the FLOP counter runs it: autocast refuses "meta".)
-            low = x.dtype in (torch.float16, torch.bfloat16) and x.device.type != "meta"
-            with torch.no_grad(), torch.autocast("cpu" if x.device.type == "meta" else x.device.type,
-                                                 dtype=x.dtype, enabled=low):
+            # autocast refuses "meta", the FLOP counter's device; no kernel runs there anyway.
+            device = "cpu" if x.device.type == "meta" else x.device.type
+            low = x.dtype in (torch.float16, torch.bfloat16)
+            with torch.no_grad(), torch.autocast(device, dtype=x.dtype, enabled=low):
                 targets = self.encode_visible(self.ema.module, x, ids_keep)[::-1]  # s3, f2, f1
             for name, head, level, target in zip(("p16", "p8", "p4"), self.mfm_heads, pyramid, targets):
                 pred_feat = head(level)  # (B, n, h, w, C_s)

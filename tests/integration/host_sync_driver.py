@@ -70,32 +70,30 @@ for zero, clip in (("zero1", None), ("zero2", None), ("zero1", 0.05), ("zero2", 
 # per-sample counts only when the mask is on the CPU (never on a GPU: it would be a sync).
 PIXEL = ["objective.kind=pixel", "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4",
          "objective.mfm_weight=0.3", "data.mask_kind=random", "optim.clip_grad=null", "log.image_every_steps=2"]
-result["loops"] = {}
-for name, extra in (("clip", []), ("pixel", PIXEL)):
+COMMON = ["optim.epochs=0.4", "optim.fused=true", "log.every_steps=3", "log.tensorboard=false",
+          "checkpoint.every_steps=1000"]
+
+
+def watched_loop(run, cfg) -> dict:
     watch = HostSyncWatch(ignore=("_log_step", "_check_finite", "mim_grid", "_check_keep_counts"))
-    cfg = load_config("demo", [f"data.train={args.data}", f"run_dir={args.run_dir}/{name}", "optim.epochs=0.4",
-                               "deepspeed.fragments=[zero2, bf16, clip_grad]", "deepspeed.compile=false",
-                               "optim.fused=true", "data.num_workers=1", "log.every_steps=3", "log.tensorboard=false",
-                               "checkpoint.every_steps=1000", *extra])
     with watch:
-        state = run_pretrain(cfg)
+        state = run(cfg)
     # Reads inside the loop's steps; the loader's own bookkeeping in the main process (torch's
     # DataLoader seeding its workers) reads host tensors only.
     watch.calls = [(n, s, d) for n, s, d in watch.calls
                    if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
-    result["loops"][name] = dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
+    return dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
 
+
+result["loops"] = {}
+for name, extra in (("clip", []), ("pixel", PIXEL)):
+    result["loops"][name] = watched_loop(run_pretrain, load_config("demo", [
+        f"data.train={args.data}", f"run_dir={args.run_dir}/{name}", "deepspeed.fragments=[zero2, bf16, clip_grad]",
+        "deepspeed.compile=false", "data.num_workers=1", *COMMON, *extra]))
 # Fine-tuning: mixup/cutmix, layer decay, a model EMA updated after every step.
-watch = HostSyncWatch(ignore=("_log_step", "_check_finite"))
-cfg = load_config("demo_finetune", [f"data.train={args.data}", f"data.val={args.data.rsplit('/', 1)[0]}/val",
-                                    f"run_dir={args.run_dir}/finetune", "model.init=null", "optim.epochs=0.4",
-                                    "optim.model_ema=0.99", "deepspeed.fragments=[zero2, bf16]", "optim.fused=true",
-                                    "log.every_steps=3", "log.tensorboard=false", "checkpoint.every_steps=1000"])
-with watch:
-    state = run_finetune(cfg)
-watch.calls = [(n, s, d) for n, s, d in watch.calls
-               if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
-result["loops"]["finetune"] = dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
+result["loops"]["finetune"] = watched_loop(run_finetune, load_config("demo_finetune", [
+    f"data.train={args.data}", f"data.val={args.data.rsplit('/', 1)[0]}/val", f"run_dir={args.run_dir}/finetune",
+    "model.init=null", "optim.model_ema=0.99", "deepspeed.fragments=[zero2, bf16]", *COMMON]))
 dist.barrier()
 if rank == 0:
     with open(args.out, "w") as f:
