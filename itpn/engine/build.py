@@ -95,14 +95,16 @@ def build_val_loader(cfg: dict, rank: int, world: int, device: torch.device):
 
 
 def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool,
-                        compile_options: dict | None = None) -> int:
+                        compile_options: dict | None = None, fold_layer_scale: bool = True) -> int:
     """Activation checkpointing on every ``every``-th block and/or torch.compile per block
-    (``Block.compile``: the checkpoint wrapper stays outside the compiled region).
+    (``Block.compile``: the checkpoint wrapper stays outside the compiled region); layer scale
+    folded into the branches' output Linears or not (``Block.fold_layer_scale``).
     Returns how many blocks are checkpointed."""
     from ..layers import Block
     blocks = [m for m in module.modules() if isinstance(m, Block)]
     n = 0
     for i, blk in enumerate(blocks):
+        blk.fold_layer_scale = fold_layer_scale
         if enable_ckpt and i % max(every, 1) == 0:
             blk.grad_checkpointing = True
             n += 1

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import ScaledLinear
+
 # "sdpa" (default); "flex": FlexAttention with the relative bias read from the table inside
 # the kernel (GPU, meant for compiled blocks; falls back to SDPA where it cannot apply);
 # "naive": an explicit fp32 softmax over a materialised score matrix, kept only as the
@@ -92,6 +94,7 @@ class Attention(nn.Module):
     """qkv (one Linear, one bias) -> SDPA (scale head_dim^-0.5) -> proj.
 
     ``rel_pos_grid``: the token grid the bias table is sized for (None = no relative bias).
+    ``out_scale`` (forward): a per-channel gain on the output (layer scale), folded into proj.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
@@ -102,7 +105,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = ScaledLinear(dim, dim)
         self.attn_drop = attn_drop
         self.rel_pos_grid = rel_pos_grid
         if rel_pos_grid is not None:
@@ -123,7 +126,7 @@ class Attention(nn.Module):
         return bias if bias.ndim == 4 else bias.unsqueeze(0)
 
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
-                rel_grid: tuple[int, int] | None = None) -> torch.Tensor:
+                rel_grid: tuple[int, int] | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         # (B, N, 3C) -> (B, N, 3, H, d) -> (3, B, H, N, d)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -135,7 +138,7 @@ class Attention(nn.Module):
                 (not has_bias or (rel_index.ndim == 2 and tuple(grid) == (self.rel_pos_grid,) * 2))):
             bias = self.rel_pos_bias(rel_index, grid).to(q.dtype) if has_bias else None
             out = _flex_attention(q, k, v, bias)
-            return self.proj(out.transpose(1, 2).reshape(B, N, C))
+            return self.proj(out.transpose(1, 2).reshape(B, N, C), out_scale)
         bias = None
         if has_bias:
             bias = self.rel_pos_bias(rel_index, grid).to(q.dtype)
@@ -146,7 +149,7 @@ class Attention(nn.Module):
                 bias = _stride_aligned(bias)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) -> (B, N, C)
-        return self.proj(out)
+        return self.proj(out, out_scale)
 
 
 _compiled_flex = None

@@ -128,3 +128,73 @@ def test_block_mlp_only_and_layer_scale():
 def test_gelu_is_exact_erf():
     assert Block(4).mlp.act.approximate == "none"
     assert torch.allclose(Block(4).mlp.act(torch.tensor([1.0])), F.gelu(torch.tensor([1.0])))
+
+
+def _saved_activation_bytes(module, *args) -> int:
+    """Bytes autograd saves for the backward of ``module(*args)``, each storage once,
+    the module's parameters and their views excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in params:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*args)
+    return total
+
+
+def _layer_scale_block(heads: int, drop_path: float) -> Block:
+    torch.manual_seed(0)
+    blk = Block(16, num_heads=heads, drop_path=drop_path, layer_scale=0.1, rel_pos_grid=3 if heads else None)
+    with torch.no_grad():
+        for name, p in blk.named_parameters():
+            if name.startswith("gamma"):
+                p.uniform_(-0.5, 0.5)  # distinct per channel, so a misplaced gamma would show
+            elif name.endswith("bias"):
+                p.normal_()
+    return blk
+
+
+LAYER_SCALE_CASES = pytest.mark.parametrize("heads,shape", [(2, (3, 9, 16)), (0, (3, 4, 2, 2, 16))])
+
+
+@LAYER_SCALE_CASES
+def test_folded_layer_scale_equals_reference_form(heads, shape):
+    """gamma folded into proj / fc2 (the default) computes the reference's gamma * branch(x):
+    the same outputs and gradients, drop path included."""
+    blk = _layer_scale_block(heads, drop_path=0.3)
+    x = torch.randn(*shape, requires_grad=True)
+    args = (relative_position_index(3), (3, 3)) if heads else ()
+    results = {}
+    for fold in (False, True):
+        blk.fold_layer_scale = fold
+        torch.manual_seed(1)  # the same drop-path draws
+        y = blk(x, *args)
+        results[fold] = (y, *torch.autograd.grad(y.square().sum(), [x, *blk.parameters()]))
+    for a, b in zip(results[False], results[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@LAYER_SCALE_CASES
+def test_folded_layer_scale_saves_the_branch_outputs(heads, shape):
+    """What autograd saves with the fold: one branch output (B, N, C) less per residual branch;
+    without autocast, where the Linear would have saved its weight parameter itself, the scaled
+    weight instead; under autocast both forms save a cast copy of the weight."""
+    blk = _layer_scale_block(heads, drop_path=0.0)
+    x = torch.randn(*shape, requires_grad=True)
+    args = (relative_position_index(3), (3, 3)) if heads else ()
+    saved = {}
+    for fold in (False, True):
+        blk.fold_layer_scale = fold
+        for amp in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                saved[fold, amp] = _saved_activation_bytes(blk, x, *args)
+    out_linears = [blk.mlp.fc2] + ([blk.attn.proj] if heads else [])
+    scaled_weights = sum(m.weight.numel() * 4 for m in out_linears)
+    assert saved[False, False] - saved[True, False] == len(out_linears) * x.numel() * 4 - scaled_weights
+    assert saved[False, True] - saved[True, True] == len(out_linears) * x.numel() * 2  # bf16 outputs
