@@ -2,6 +2,10 @@
 # Every GPU measurement of docs/performance.md, in parts that each finish within ~10 minutes
 # on one H100 (run them in this order when GPU time is short):
 #
+#   benchmarks/gpu_suite.sh first     for a short lease (one call): the GPU tests, then iTPN-L +
+#                                     CLIP-L/14@196 compiled with and without the layer-scale
+#                                     fold (kernel profile of the fold row), and the same step
+#                                     inside DeepSpeed ZeRO-1 with its host-sync count
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
 #                                     blocks vs eager, no host sync in the step; the attention
 #                                     microbenchmark (bias-gradient cost, cuDNN backend)
@@ -19,25 +23,36 @@
 #   benchmarks/gpu_suite.sh autotune  compiled blocks with max-autotune (long compilation)
 #
 # Results are appended as JSON lines to ${OUT:-.}/bench.jsonl; the tables go to stdout.
+#
+# The GPU machine's image lacks deepspeed, open_clip_torch, webdataset and simplejpeg: make
+# .whl/ here with benchmarks/gpu_wheels.sh and carry it; this script installs it into /tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
+if [ -d .whl ] && [ ! -d /tmp/site/deepspeed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 bench() { echo "+ itpn-bench $*"; python -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
 
-case "${1:?part: check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
+case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
+  first)
+    python -m pytest -q tests/gpu 2>&1 | tail -15 || echo "# GPU tests failed (above); benchmarks follow"
+    bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold --profile "$OUT/profile_clip_l_fold.txt"
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs ;;
   check)
     python -m pytest -q tests/gpu
     python benchmarks/bench_attention.py ;;
   clip_l)
     bench --recipe clip_l --batch 128 --steps 10 --profile "$OUT/profile_clip_l_compile.txt"
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model
-    bench --recipe clip_l --batch 128 --steps 10 --ladder fused compile --zero zero1 \
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fused fold --zero zero1 \
       --profile "$OUT/profile_clip_l_compile_zero1.txt" ;;
   memory)  # every probe recompiles (static shapes): start near the known answer (192 fits, 65 GiB)
-    bench --recipe clip_l --batch 192 --steps 3 --warmup 1 --ladder compile --max-batch --max-batch-limit 320 ;;
+    bench --recipe clip_l --batch 192 --steps 3 --warmup 1 --ladder fold --max-batch --max-batch-limit 320 ;;
   memory_ckpt)  # eager checkpointing fitted batch 384 in 33.7 GiB
-    bench --recipe clip_l --batch 384 --steps 3 --warmup 1 --ladder compile --ckpt-every 1 --max-batch \
+    bench --recipe clip_l --batch 384 --steps 3 --warmup 1 --ladder fold --ckpt-every 1 --max-batch \
       --max-batch-limit 1536 ;;
   offload24)
     bench --recipe clip_l --batch 32 --steps 3 --warmup 1 --ladder bf16 --ckpt-every 1 --zero zero3_offload \
@@ -49,8 +64,8 @@ case "${1:?part: check | clip_l | memory | memory_ckpt | offload24 | loader | cl
 make_images('$data/images', 5120)"
       python -m data_prep folder "$data/images" "$data/train" --shard-samples 512 --no-progress
     fi
-    bench --recipe clip_l --batch 128 --steps 20 --ladder compile --data "$data/train" --workers "${WORKERS:-12}"
-    bench --recipe clip_b --batch 256 --steps 20 --ladder compile --data "$data/train" --workers "${WORKERS:-12}" ;;
+    bench --recipe clip_l --batch 128 --steps 20 --ladder fold --data "$data/train" --workers "${WORKERS:-12}"
+    bench --recipe clip_b --batch 256 --steps 20 --ladder fold --data "$data/train" --workers "${WORKERS:-12}" ;;
   clip_b)
     bench --recipe clip_b --batch 256 --steps 10
     bench --recipe clip_b --batch 256 --steps 10 --ladder compile_model ;;
@@ -59,7 +74,7 @@ make_images('$data/images', 5120)"
   infer)
     bench --infer --batch 256 --steps 10 ;;
   autotune)
-    bench --recipe clip_l --batch 128 --steps 10 --ladder compile compile_autotune ;;
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fold compile_autotune ;;
   *)
     echo "unknown part $1" >&2; exit 2 ;;
 esac
