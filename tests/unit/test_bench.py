@@ -29,7 +29,11 @@ def test_bench_tiny_ladder(capsys, tmp_path):
     assert "recipe tiny:" in text
     rows = [line.split()[0] for line in text.splitlines() if line.startswith(("naive", "fused"))]
     assert rows == ["naive", "fused"]
-    assert len(out.read_text().splitlines()) == 2
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:  # the phases of the split timing add up to 100%, and their total is reported
+        assert abs(r["teacher_pct"] + r["student_pct"] + r["optimizer_pct"] - 100) < 1e-6
+        assert r["split_ms"] > 0 and r["step_ms"] > 0
 
 
 def test_bench_real_loader_rows(capsys, tmp_path, demo_shards):
