@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from itpn.layers import (Attention, Block, PatchEmbed, PatchMerge, PatchSplit, attention_impl,
+from itpn.layers import (Attention, Block, DropPath, PatchEmbed, PatchMerge, PatchSplit, attention_impl,
                          relative_position_index, resize_rel_pos_table, tokens_to_map)
 from itpn.layers.attention import _stride_aligned
 
@@ -198,3 +198,19 @@ def test_folded_layer_scale_saves_the_branch_outputs(heads, shape):
     scaled_weights = sum(m.weight.numel() * 4 for m in out_linears)
     assert saved[False, False] - saved[True, False] == len(out_linears) * x.numel() * 4 - scaled_weights
     assert saved[False, True] - saved[True, True] == len(out_linears) * x.numel() * 2  # bf16 outputs
+
+
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.bfloat16])  # bf16: as DeepSpeed's bf16 engine
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.37])
+def test_drop_path_bf16_scales_kept_samples_by_one_over_keep(p, module_dtype):
+    """In bf16 a kept sample is x / keep rounded once (relative error <= 2^-8), not x times a
+    bf16-rounded 1 / bf16(keep) (0.55% too large for keep 0.9); dropped samples are zero."""
+    drop = DropPath(p).to(module_dtype).train()
+    torch.manual_seed(0)
+    x = torch.randn(4096, 8).to(torch.bfloat16)
+    y = drop(x)
+    assert y.dtype == torch.bfloat16
+    kept = (y != 0).any(dim=1)
+    assert 0 < kept.sum() < 4096 and (y[~kept] == 0).all()
+    exact = x[kept].double() / float(drop.keep)  # the keep both the draw and the division used
+    assert ((y[kept].double() - exact).abs() <= 2 ** -8 * exact.abs()).all()
