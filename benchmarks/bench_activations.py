@@ -24,24 +24,16 @@ import torch
 
 from itpn.cli.bench import RECIPES, load_recipe, make_batch
 from itpn.engine.build import apply_block_options, build_objective
+from itpn.models.flops import saved_activation_bytes
 
 
 def saved_bytes(model, x, mask, targets, device) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen and ptr not in params:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
     kwargs = {} if targets is None else {"targets": targets}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast(device.type, dtype=torch.bfloat16):
-        model(x, mask, **kwargs)
-    return total
+
+    def forward():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model(x, mask, **kwargs)
+    return saved_activation_bytes(forward, model)
 
 
 def main(argv=None) -> None:

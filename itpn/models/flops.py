@@ -1,4 +1,5 @@
-"""Parameter and multiply-add counts, as the paper's Table 1 reports them.
+"""Parameter and multiply-add counts, as the paper's Table 1 reports them; bytes saved for
+the backward (activation memory).
 
 MACs are counted with torch's FlopCounterMode (MACs = FLOPs / 2) on the meta device, so
 even the large variants cost no memory or time. Attention runs through the naive path while
@@ -19,6 +20,24 @@ from ..layers import attention_impl
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def saved_activation_bytes(fn: Callable[[], object], module: nn.Module) -> int:
+    """Bytes autograd saves for the backward while ``fn()`` runs, each storage once, the
+    parameters of ``module`` (and views of them) excluded: the activation memory of a forward."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in params:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
 
 
 def count_macs(build: Callable[[], nn.Module], img_size: int = 224, batch: int = 1,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from itpn.layers import (Attention, Block, DropPath, PatchEmbed, PatchMerge, PatchSplit, attention_impl,
                          relative_position_index, resize_rel_pos_table, tokens_to_map)
 from itpn.layers.attention import _stride_aligned
+from itpn.models.flops import saved_activation_bytes
 
 
 def test_patch_embed_layout():
@@ -130,25 +131,8 @@ def test_gelu_is_exact_erf():
     assert torch.allclose(Block(4).mlp.act(torch.tensor([1.0])), F.gelu(torch.tensor([1.0])))
 
 
-def _saved_activation_bytes(module, *args) -> int:
-    """Bytes autograd saves for the backward of ``module(*args)``, each storage once,
-    the module's parameters and their views excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen and ptr not in params:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(*args)
-    return total
-
-
-def _layer_scale_block(heads: int, drop_path: float) -> Block:
+def _layer_scale_block(heads: int, drop_path: float, shape) -> tuple[Block, torch.Tensor, tuple]:
+    """A block whose gammas and biases are distinct per channel, its input and extra arguments."""
     torch.manual_seed(0)
     blk = Block(16, num_heads=heads, drop_path=drop_path, layer_scale=0.1, rel_pos_grid=3 if heads else None)
     with torch.no_grad():
@@ -157,7 +141,8 @@ def _layer_scale_block(heads: int, drop_path: float) -> Block:
                 p.uniform_(-0.5, 0.5)  # distinct per channel, so a misplaced gamma would show
             elif name.endswith("bias"):
                 p.normal_()
-    return blk
+    x = torch.randn(*shape, requires_grad=True)
+    return blk, x, (relative_position_index(3), (3, 3)) if heads else ()
 
 
 LAYER_SCALE_CASES = pytest.mark.parametrize("heads,shape", [(2, (3, 9, 16)), (0, (3, 4, 2, 2, 16))])
@@ -167,9 +152,7 @@ LAYER_SCALE_CASES = pytest.mark.parametrize("heads,shape", [(2, (3, 9, 16)), (0,
 def test_folded_layer_scale_equals_reference_form(heads, shape):
     """gamma folded into proj / fc2 (the default) computes the reference's gamma * branch(x):
     the same outputs and gradients, drop path included."""
-    blk = _layer_scale_block(heads, drop_path=0.3)
-    x = torch.randn(*shape, requires_grad=True)
-    args = (relative_position_index(3), (3, 3)) if heads else ()
+    blk, x, args = _layer_scale_block(heads, 0.3, shape)
     results = {}
     for fold in (False, True):
         blk.fold_layer_scale = fold
@@ -185,15 +168,13 @@ def test_folded_layer_scale_saves_the_branch_outputs(heads, shape):
     """What autograd saves with the fold: one branch output (B, N, C) less per residual branch;
     without autocast, where the Linear would have saved its weight parameter itself, the scaled
     weight instead; under autocast both forms save a cast copy of the weight."""
-    blk = _layer_scale_block(heads, drop_path=0.0)
-    x = torch.randn(*shape, requires_grad=True)
-    args = (relative_position_index(3), (3, 3)) if heads else ()
+    blk, x, args = _layer_scale_block(heads, 0.0, shape)
     saved = {}
     for fold in (False, True):
         blk.fold_layer_scale = fold
         for amp in (False, True):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                saved[fold, amp] = _saved_activation_bytes(blk, x, *args)
+                saved[fold, amp] = saved_activation_bytes(lambda: blk(x, *args), blk)
     out_linears = [blk.mlp.fc2] + ([blk.attn.proj] if heads else [])
     scaled_weights = sum(m.weight.numel() * 4 for m in out_linears)
     assert saved[False, False] - saved[True, False] == len(out_linears) * x.numel() * 4 - scaled_weights
