@@ -5,7 +5,11 @@ iTPN's CLIP recipes, paper Table 9).
 ``linear(x, scale)`` equals ``scale * linear(x)`` but is computed as
 ``x @ (scale[:, None] * W)^T + scale * b``. The gradient of ``scale`` is then a reduction over
 the (out, in) weight instead of over every token of the batch, and the branch output is no
-longer saved for the backward: one (B, N, C) activation per residual branch less.
+longer saved for the backward: one (B, N, C) activation per residual branch less. What it
+saves instead is the scaled weight, where the plain Linear would have saved the weight
+parameter itself (no autocast, e.g. DeepSpeed's bf16): (out, in) elements per branch, which
+a batch of more than a few images outweighs (iTPN-L: 5.9 MB per block against 0.6 MB per
+image).
 """
 
 from __future__ import annotations
