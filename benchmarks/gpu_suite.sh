@@ -29,21 +29,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
+PY=${PYTHON:-python3}  # the GPU image's python3 is the one with PyTorch; a plain `python` may not exist
 if [ -d .whl ] && [ ! -d /tmp/site/deepspeed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-bench() { echo "+ itpn-bench $*"; python -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
+bench() { echo "+ itpn-bench $*"; "$PY" -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
 
 case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
   first)  # the headline numbers first: a run cut off by the time limit keeps the calls that finished
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold --profile "$OUT/profile_clip_l_fold.txt"
     bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
-    python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
+    "$PY" -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   check)
-    python -m pytest -q tests/gpu
-    python benchmarks/bench_attention.py ;;
+    "$PY" -m pytest -q tests/gpu
+    "$PY" benchmarks/bench_attention.py ;;
   clip_l)
     bench --recipe clip_l --batch 128 --steps 10 --profile "$OUT/profile_clip_l_compile.txt"
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model
@@ -60,9 +61,9 @@ case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loa
   loader)
     data=${DATA:-/tmp/itpn_bench_shards}
     if [ ! -f "$data/train/manifest.json" ]; then
-      python -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_loader import make_images; \
+      "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_loader import make_images; \
 make_images('$data/images', 5120)"
-      python -m data_prep folder "$data/images" "$data/train" --shard-samples 512 --no-progress
+      "$PY" -m data_prep folder "$data/images" "$data/train" --shard-samples 512 --no-progress
     fi
     bench --recipe clip_l --batch 128 --steps 20 --ladder fold --data "$data/train" --workers "${WORKERS:-12}"
     bench --recipe clip_b --batch 256 --steps 20 --ladder fold --data "$data/train" --workers "${WORKERS:-12}" ;;
