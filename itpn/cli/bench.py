@@ -19,6 +19,8 @@ settings so that every speed-up is a ratio measured in the same run:
              templates with fused epilogues, autotuned; minutes of compilation); not default
     flex     + attention through FlexAttention (bias read from the table in the kernel);
              not in the default ladder
+    fp8      fold + FP8 matmuls (tensorwise scales) in the transformer blocks' linears;
+             other numerics, hence not in the default ladder; MFU still against bf16 peak
 
 It reports img/s, achieved TFLOP/s, MFU against a bf16 matmul peak measured in the same
 run, peak memory, and the split between teacher, student forward/backward and optimizer.
@@ -79,6 +81,9 @@ LADDER = {
     "fused": dict(attn="sdpa", dtype="bf16", fused=True, compile=False, fold=False),
     "compile": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=False),
     "fold": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True),
+    # FP8 matmuls in the transformer blocks' linears: changes the numerics (opt-in in the
+    # trainer, deepspeed.fp8), hence not in the default ladder. MFU stays against bf16 peak.
+    "fp8": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True, fp8=True),
     "flex": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True),
     "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model", fold=True),
     "compile_autotune": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True,
@@ -200,7 +205,7 @@ class TrainStep:
         self.teacher = build_teacher(cfg, self.dtype, device)
         model = build_objective(cfg, self.teacher)
         apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks",
-                            setting.get("compile_options"), setting["fold"])
+                            setting.get("compile_options"), setting["fold"], setting.get("fp8", False))
         if setting["compile"] == "model":
             compile_whole(model, self.teacher)
         self.pixel = cfg["objective"]["kind"] == "pixel"

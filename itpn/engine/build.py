@@ -95,16 +95,25 @@ def build_val_loader(cfg: dict, rank: int, world: int, device: torch.device):
 
 
 def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool,
-                        compile_options: dict | None = None, fold_layer_scale: bool = True) -> int:
+                        compile_options: dict | None = None, fold_layer_scale: bool = True,
+                        fp8: bool = False) -> int:
     """Activation checkpointing on every ``every``-th block and/or torch.compile per block
     (``Block.compile``: the checkpoint wrapper stays outside the compiled region); layer scale
-    folded into the branches' output Linears or not (``Block.fold_layer_scale``).
-    Returns how many blocks are checkpointed."""
-    from ..layers import Block
-    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    folded into the branches' output Linears or not (``Block.fold_layer_scale``); FP8 matmuls
+    in the four Linears of every transformer block (``ScaledLinear.fp8``; the C-MLP blocks of
+    stages 1-2 and the pyramid, narrow and memory-bound, stay bf16). Returns how many blocks
+    are checkpointed."""
+    from ..layers import Block, ScaledLinear
+    blocks = [(name, m) for name, m in module.named_modules() if isinstance(m, Block)]
     n = 0
-    for i, blk in enumerate(blocks):
+    for i, (name, blk) in enumerate(blocks):
         blk.fold_layer_scale = fold_layer_scale
+        for lname, lin in blk.named_modules():
+            if isinstance(lin, ScaledLinear):
+                try:
+                    lin.fp8 = fp8 and blk.has_attn
+                except ValueError as e:
+                    raise ValueError(f"{name}.{lname}: {e}") from None
         if enable_ckpt and i % max(every, 1) == 0:
             blk.grad_checkpointing = True
             n += 1

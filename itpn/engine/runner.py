@@ -353,7 +353,8 @@ def run_pretrain(cfg: dict) -> TrainState:
     objective = build_objective(cfg, teacher)
     seed_everything(cfg["seed"] + rank)
     n_ckpt = apply_block_options(objective, cfg["deepspeed"]["checkpoint_every"],
-                                 cfg["deepspeed"]["activation_checkpointing"], cfg["deepspeed"]["compile"])
+                                 cfg["deepspeed"]["activation_checkpointing"], cfg["deepspeed"]["compile"],
+                                 fp8=cfg["deepspeed"]["fp8"])
     n_params = sum(p.numel() for p in objective.parameters())
     optimizer = _optimizer(param_groups(objective, cfg["optim"]["weight_decay"]), cfg, device, ds_cfg)
     engine = _engine(objective, cfg, ds_cfg, optimizer)
@@ -542,7 +543,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
         groups = param_groups(model, 0.0)
     else:
         apply_block_options(model, cfg["deepspeed"]["checkpoint_every"], cfg["deepspeed"]["activation_checkpointing"],
-                            cfg["deepspeed"]["compile"])
+                            cfg["deepspeed"]["compile"], fp8=cfg["deepspeed"]["fp8"])
         groups = param_groups(model, cfg["optim"]["weight_decay"], cfg["optim"]["layer_decay"])
     optimizer = _optimizer(groups, cfg, device, ds_cfg, lars=linprobe)
     engine = _engine(model, cfg, ds_cfg, optimizer)

@@ -104,7 +104,7 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = ScaledLinear(dim, dim * 3, bias=qkv_bias)
         self.proj = ScaledLinear(dim, dim)
         self.attn_drop = attn_drop
         self.rel_pos_grid = rel_pos_grid

@@ -10,6 +10,10 @@ saves instead is the scaled weight, where the plain Linear would have saved the 
 parameter itself (no autocast, e.g. DeepSpeed's bf16): (out, in) elements per branch, which
 a batch of more than a few images outweighs (iTPN-L: 5.9 MB per block against 0.6 MB per
 image).
+
+``fp8 = True`` (set by the engine on the transformer blocks' linears, off by default) runs the
+three matmuls of the Linear in FP8 (fp8.py); the gain, if any, is still folded into the weight
+first, so it scales the weight before the weight is quantised.
 """
 
 from __future__ import annotations
@@ -18,16 +22,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8 import check_fp8_shape, fp8_linear
+
 
 class ScaledLinear(nn.Linear):
     """``nn.Linear`` (same parameters, same state-dict keys) with an optional output gain.
 
     The product with ``scale`` happens inside this module's own forward, so a ZeRO-3 engine,
     which gathers a module's parameters around that module's forward, sees the weight used
-    where it is gathered."""
+    where it is gathered. ``fp8``: FP8 matmuls (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self._fp8 = False
+
+    @property
+    def fp8(self) -> bool:
+        return self._fp8
+
+    @fp8.setter
+    def fp8(self, enable: bool) -> None:
+        if enable:
+            check_fp8_shape(self.in_features, self.out_features)
+        self._fp8 = bool(enable)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        if scale is None:
-            return super().forward(x)
-        bias = None if self.bias is None else self.bias * scale
-        return F.linear(x, self.weight * scale[:, None], bias)  # (out, in) scaled by row
+        weight, bias = self.weight, self.bias
+        if scale is not None:
+            weight = weight * scale[:, None]  # (out, in) scaled by row
+            bias = None if bias is None else bias * scale
+        return fp8_linear(x, weight, bias) if self._fp8 else F.linear(x, weight, bias)

@@ -16,7 +16,7 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = ScaledLinear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = ScaledLinear(hidden_dim, out_dim or dim)
 

@@ -1,5 +1,5 @@
 """torch.compile of the blocks on CPU (issue #6): the compiled objective matches eager,
-compiles without graph breaks, shares one graph between blocks that differ only in their
+compiles without graph breaks (FP8 linears included), shares one graph between blocks that differ only in their
 drop-path rate, and composes with activation checkpointing (the checkpoint stays outside
 the compiled region and replays it, drop-path masks included).
 
@@ -38,13 +38,15 @@ def _grads(model, x, mask, targets):
     return out["loss"].detach(), grads
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_compiled_objective_matches_eager(ckpt):
+@pytest.mark.parametrize("ckpt,fp8", [(False, False), (True, False), (True, True)])
+def test_compiled_objective_matches_eager(ckpt, fp8):
     torch.manual_seed(0)
     cfg = HiViTConfig(img_size=64, embed_dim=64, depths=(1, 1, 3), num_heads=2, rpe=True, layer_scale=0.1)
     eager = ClipMFM(cfg, teacher_dim=24, fpn_dim=32, fpn_depth=1)
     compiled = copy.deepcopy(eager)
-    n_ckpt = apply_block_options(compiled, 1, ckpt, True, AOT)
+    apply_block_options(eager, 1, False, False, fp8=fp8)
+    n_ckpt = apply_block_options(compiled, 1, ckpt, True, AOT, fp8=fp8)
+    assert any(getattr(m, "fp8", False) for m in compiled.modules()) == fp8
     assert n_ckpt == (sum(isinstance(m, Block) for m in compiled.modules()) if ckpt else 0)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 64, 64, generator=g)
