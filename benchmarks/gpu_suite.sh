@@ -4,8 +4,9 @@
 #
 #   benchmarks/gpu_suite.sh first     for a short lease (one call): iTPN-L + CLIP-L/14@196
 #                                     compiled with and without the layer-scale fold (kernel
-#                                     profile of the fold row), the same step inside DeepSpeed
-#                                     ZeRO-1 with its host-sync count, then the GPU tests
+#                                     profile of the fold row), fold vs fold + FP8 linears,
+#                                     the same step inside DeepSpeed ZeRO-1 with its host-sync
+#                                     count, then the GPU tests
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
 #                                     blocks vs eager, no host sync in the step; the attention
 #                                     microbenchmark (bias-gradient cost, cuDNN backend)
@@ -40,6 +41,7 @@ bench() { echo "+ itpn-bench $*"; "$PY" -m itpn.cli.bench --json "$OUT/bench.jso
 case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
   first)  # the headline numbers first: a run cut off by the time limit keeps the calls that finished
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold --profile "$OUT/profile_clip_l_fold.txt"
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fold fp8 --profile "$OUT/profile_clip_l_fp8.txt"
     bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
     "$PY" -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   check)

@@ -3,7 +3,7 @@ do twice the bf16 rate, performance-notes: "FP8 matmuls for the stage-3 linears"
 
 Tensorwise dynamic scaling, the usual recipe for training (as torchao's "tensorwise"
 float8 training): each operand of each GEMM is scaled by ``fp8_max / amax(operand)`` and
-cast, the GEMM (``torch._scaled_mm``) accumulates in fp32 and undoes the two scales.
+cast, the GEMM (``torch._scaled_mm`` on CUDA) accumulates in fp32 and undoes the two scales.
 Forward operands (input, weight) are e4m3 (3 mantissa bits); the output gradient is e5m2
 (2 mantissa bits, the range gradients need). Three GEMMs per Linear:
 
@@ -42,6 +42,17 @@ def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     return t8, scale.reciprocal()
 
 
+def scaled_mm(a8: torch.Tensor, b8: torch.Tensor, a_inv: torch.Tensor, b_inv: torch.Tensor,
+              out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """``(a8 * a_inv) @ (b8 * b_inv)`` accumulated in fp32: ``torch._scaled_mm`` on CUDA. Other
+    devices compute the same product from the dequantised operands in fp32; torch's own CPU
+    ``_scaled_mm`` is a scalar reference (~0.1 GFLOP/s on the development VM), too slow for the
+    demo (tests/unit/test_fp8.py checks that the two agree)."""
+    if a8.is_cuda:
+        return torch._scaled_mm(a8, b8, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return ((a8.float() * a_inv) @ (b8.float() * b_inv)).to(out_dtype)
+
+
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
@@ -62,8 +73,7 @@ class _Fp8Matmul(torch.autograd.Function):
     def forward(ctx, x, weight, out_dtype):
         x8, x_inv = to_fp8(x, E4M3)
         w8, w_inv = to_fp8(weight, E4M3)
-        out = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
-                               use_fast_accum=True)
+        out = scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype, fast_accum=True)
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.dtypes = (x.dtype, weight.dtype)
         return out
@@ -75,11 +85,11 @@ class _Fp8Matmul(torch.autograd.Function):
         g8, g_inv = to_fp8(grad, E5M2)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._scaled_mm(g8, _column_major(w8), scale_a=g_inv, scale_b=w_inv, out_dtype=x_dtype)
+            grad_x = scaled_mm(g8, _column_major(w8), g_inv, w_inv, x_dtype)
         if ctx.needs_input_grad[1]:
             g_t = _pad_rows(g8, FP8_ALIGN).t().contiguous()  # (N, M'), row-major
             x_cm = _column_major(_pad_rows(x8, FP8_ALIGN))  # (M', K), column-major
-            grad_w = torch._scaled_mm(g_t, x_cm, scale_a=g_inv, scale_b=x_inv, out_dtype=w_dtype)
+            grad_w = scaled_mm(g_t, x_cm, g_inv, x_inv, w_dtype)
         return grad_x, grad_w, None
 
 

@@ -98,7 +98,45 @@ def test_compiled_blocks_match_eager(ckpt):
     assert worst < 3e-2, worst
 
 
-@pytest.mark.parametrize("recipe,setting", [("tiny", "fused"), ("tiny", "compile")])
+@pytest.mark.parametrize("rows", [2 * 196, 30])  # 30: the weight gradient's padded inner dimension
+def test_fp8_gemms_are_the_dequantised_product(rows):
+    """cuBLAS's FP8 GEMMs take our operand layouts and compute the product of the dequantised
+    operands (the device-independent definition, computed in fp32 on the CPU)."""
+    from itpn.layers.fp8 import E4M3, E5M2, fp8_linear, to_fp8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 768, generator=g)
+    w = torch.randn(3072, 768, generator=g) * 0.02
+    grad = torch.randn(rows, 3072, generator=g)
+    xc, wc = x.to(DEV).requires_grad_(), w.to(DEV).requires_grad_()
+    out = fp8_linear(xc, wc)
+    out.backward(grad.to(DEV))
+
+    def dq(t, dtype):
+        t8, inv = to_fp8(t, dtype)
+        return t8.float() * inv
+    xq, wq, gq = dq(x, E4M3), dq(w, E4M3), dq(grad, E5M2)
+    assert rel(out.cpu(), xq @ wq.T) < 1e-3  # forward: cuBLAS's fast accumulation
+    assert rel(xc.grad.cpu(), gq @ wq) < 1e-4
+    assert rel(wc.grad.cpu(), gq.T @ xq) < 1e-4
+
+
+def test_fp8_compiled_blocks_train_like_bf16():
+    """FP8 linears in compiled blocks (inductor fuses the scaling and casts): outputs and
+    gradients within fp8 precision of the bf16 eager model."""
+    from itpn.engine.build import apply_block_options
+    torch.manual_seed(0)
+    model = _clip_model()
+    x = torch.randn(2, 3, 224, 224, device=DEV)
+    mask = torch.rand(2, 196, device=DEV) < 0.4
+    targets = torch.randn(2, 196, 128, device=DEV)
+    ref_out, ref_g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
+    apply_block_options(model, 1, False, True, fp8=True)
+    out, g = _grads(model, x, mask, targets, "sdpa", torch.bfloat16)
+    assert rel(out["mfm"], ref_out["mfm"]) < 5e-2
+    assert rel(_flat(g), _flat(ref_g)) < 0.1, rel(_flat(g), _flat(ref_g))
+
+
+@pytest.mark.parametrize("recipe,setting", [("tiny", "fused"), ("tiny", "compile"), ("tiny", "fp8")])
 def test_training_step_has_no_host_sync(recipe, setting):
     """The benchmark's step (teacher forward, student forward + backward, clipping, fused
     AdamW) after warm-up issues no host-device synchronisation: CUDA's sync debug mode

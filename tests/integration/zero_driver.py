@@ -15,11 +15,12 @@ from itpn.engine.runner import _engine, _optimizer, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
-p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3offload", "2compile", "3ema"],
+p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3offload", "2compile", "3ema", "1fp8", "3fp8"],
                help="ZeRO stages; '3ckpt': ZeRO-3 with activation checkpointing on every block; "
                     "'3offload': ZeRO-3 with parameters and optimizer offloaded to the host (CPU AdamW); "
                     "'Ncompile': compiled blocks (dynamo + AOTAutograd, no inductor); "
-                    "'Nema': pixel MIM + EMA-teacher MFM, the EMA updated through ZeRO gathers")
+                    "'Nema': pixel MIM + EMA-teacher MFM, the EMA updated through ZeRO gathers; "
+                    "'Nfp8': bf16 weights (DeepSpeed's bf16) and FP8 matmuls in the transformer blocks")
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -31,7 +32,8 @@ for stage in args.stages:
     pixel = ["objective.kind=pixel", "objective.mfm_weight=0.3", "objective.decoder_dim=64",
              "objective.decoder_depth=1", "objective.decoder_heads=4"] if stage.endswith("ema") else []
     zero = "zero3_offload" if stage.endswith("offload") else f"zero{stage[0]}"
-    cfg = load_config("demo", [f"deepspeed.fragments=[{zero}, fp32]", f"data.batch_size={GLOBAL // world}",
+    fp8 = stage.endswith("fp8")
+    cfg = load_config("demo", [f"deepspeed.fragments=[{zero}, {'bf16' if fp8 else 'fp32'}]", f"data.batch_size={GLOBAL // world}",
                                "optim.clip_grad=null", *pixel])
     torch.manual_seed(0)
     objective = build_objective(cfg)  # no teacher: fixed targets below
@@ -39,6 +41,8 @@ for stage in args.stages:
         assert apply_block_options(objective, 1, True, False) > 0
     if stage.endswith("compile"):  # dynamo + AOTAutograd without inductor's (slow on CPU) code generation
         apply_block_options(objective, 1, False, True, {"backend": "aot_eager"})
+    if fp8:
+        apply_block_options(objective, 1, False, False, fp8=True)
     ds_cfg = deepspeed_config(cfg, world)
     opt = _optimizer(param_groups(objective, 0.05), cfg, device, ds_cfg)
     for g in opt.param_groups:
@@ -51,6 +55,8 @@ for stage in args.stages:
     if pixel:  # exactly 12 of 16 patches masked per sample
         mask = torch.rand(GLOBAL, 16, generator=g).argsort(1) < 12
     part = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
+    if fp8:
+        x, targets = x.bfloat16(), targets.bfloat16()
     gather = None
     if engine.zero_optimization_stage() == 3:
         import deepspeed
@@ -62,7 +68,7 @@ for stage in args.stages:
         engine.step()
         if pixel:
             objective.ema.update(engine.module.encoder, 0.5, gather)
-        loss = out["loss"].detach().clone()
+        loss = out["loss"].detach().float()
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
     if pixel:  # a fingerprint of the EMA weights after the last update

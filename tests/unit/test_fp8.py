@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from itpn.engine.build import apply_block_options
 from itpn.layers import Block, ScaledLinear, relative_position_index
-from itpn.layers.fp8 import E4M3, E5M2, fp8_linear, to_fp8
+from itpn.layers.fp8 import E4M3, E5M2, fp8_linear, scaled_mm, to_fp8
 from itpn.models.flops import saved_activation_bytes
 
 
@@ -31,6 +31,16 @@ def test_to_fp8_maps_the_largest_magnitude_to_the_format_maximum():
         assert (t8.float() * inv)[0, 1].item() == pytest.approx(-3.0, rel=1e-6)
     zeros8, inv = to_fp8(torch.zeros(4, 4), E4M3)
     assert torch.isfinite(inv) and not zeros8.float().any()
+
+
+def test_cpu_product_is_torchs_scaled_mm():
+    g = torch.Generator().manual_seed(0)
+    a8, a_inv = to_fp8(torch.randn(40, 64, generator=g), E5M2)
+    b8, b_inv = to_fp8(torch.randn(32, 64, generator=g), E4M3)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ours = scaled_mm(a8, b8.t(), a_inv, b_inv, out_dtype)
+        torch.testing.assert_close(ours, torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype))
+        assert ours.dtype == out_dtype
 
 
 @pytest.mark.parametrize("rows", [64, 30])  # 30: the weight gradient pads the tokens to 32
