@@ -16,7 +16,7 @@ but the first operand's rows divisible by 16; the weight gradient's inner dimens
 token count M, so it is padded with zero rows (which add nothing) when M % 16 != 0.
 
 What is saved for the backward is the fp8 input and weight (with their scales): half the
-bytes of the bf16 input a Linear saves. The bias, and a layer-scale gain folded into the
+bytes of the bf16 input and cast weight a Linear saves under autocast. The bias, and a layer-scale gain folded into the
 weight (linear.py), stay outside: autograd differentiates them as usual.
 """
 
