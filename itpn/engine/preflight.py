@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .build import backbone_config
 from .config import ConfigError, deepspeed_config
 
@@ -28,12 +30,27 @@ def _check_teacher_weights(weights: str | None) -> None:
         raise ConfigError(f"teacher.weights={weights}: file not found")
 
 
+def _check_fp8_device() -> None:
+    """FP8 GEMMs (``torch._scaled_mm``) need FP8 tensor cores; on an older GPU they fail
+    inside the first forward on every rank. The CPU path computes the dequantised product
+    and needs nothing."""
+    if not torch.cuda.is_available():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ConfigError(f"deepspeed.fp8=true needs FP8 tensor cores (compute capability 8.9+, e.g. H100, "
+                          f"L40, RTX 4090); this GPU, {torch.cuda.get_device_name()}, is sm{major}{minor}: "
+                          "set deepspeed.fp8=false")
+
+
 def preflight(cfg: dict, world_size: int) -> dict:
     """Validate a merged config for ``world_size`` ranks; returns the DeepSpeed config."""
     if cfg["task"] not in ("pretrain", "finetune", "linprobe", "eval"):
         raise ConfigError(f"task must be pretrain, finetune, linprobe or eval, got {cfg['task']!r}")
     backbone_config(cfg)
     ds = deepspeed_config(cfg, world_size)
+    if cfg["deepspeed"].get("fp8"):
+        _check_fp8_device()
     if cfg["task"] != "eval":
         _check_shards(cfg["data"]["train"], "data.train")
     if cfg["task"] in ("finetune", "linprobe", "eval") and cfg["data"]["val"]:

@@ -125,3 +125,34 @@ def test_fp8_block_trains_like_bf16_and_saves_half_the_linear_bytes():
     inputs = tokens * (64 + 64 + 64 + 256)
     weights = 192 * 64 + 64 * 64 + 256 * 64 + 64 * 256
     assert saved_bf16 - saved_fp8 == inputs + weights - 4 * 2 * 4
+
+
+def _fp8_demo_config(tmp_path):
+    from itpn.engine.config import load_config
+    (tmp_path / "manifest.json").write_text("{}")
+    return load_config("demo", [f"data.train={tmp_path}", "deepspeed.fp8=true"])
+
+
+@pytest.mark.parametrize("capability,name,fails", [((8, 0), "NVIDIA A100-SXM4-80GB", True),
+                                                   ((8, 9), "NVIDIA L40S", False),
+                                                   ((9, 0), "NVIDIA H100 80GB HBM3", False)])
+def test_preflight_refuses_fp8_on_a_gpu_without_fp8_tensor_cores(capability, name, fails, tmp_path, monkeypatch):
+    from itpn.engine.config import ConfigError
+    from itpn.engine.preflight import preflight
+    cfg = _fp8_demo_config(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    if fails:
+        with pytest.raises(ConfigError, match=r"deepspeed.fp8=true needs FP8 tensor cores .* A100-SXM4-80GB, is sm80"):
+            preflight(cfg, 1)
+    else:
+        preflight(cfg, 1)
+    cfg["deepspeed"]["fp8"] = False
+    preflight(cfg, 1)  # bf16 runs anywhere
+
+
+def test_preflight_accepts_fp8_on_the_cpu(tmp_path, monkeypatch):
+    from itpn.engine.preflight import preflight
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    preflight(_fp8_demo_config(tmp_path), 1)
