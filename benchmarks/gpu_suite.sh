@@ -77,7 +77,7 @@ make_images('$data/images', 5120)"
   infer)
     bench --infer --batch 256 --steps 10 ;;
   autotune)
-    bench --recipe clip_l --batch 128 --steps 10 --ladder fold compile_autotune ;;
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fold compile_autotune flex_autotune ;;
   *)
     echo "unknown part $1" >&2; exit 2 ;;
 esac

@@ -17,8 +17,10 @@ settings so that every speed-up is a ratio measured in the same run:
              blocks; not in the default ladder
     compile_autotune  compiled blocks with mode="max-autotune-no-cudagraphs" (Triton GEMM
              templates with fused epilogues, autotuned; minutes of compilation); not default
-    flex     + attention through FlexAttention (bias read from the table in the kernel);
-             not in the default ladder
+    flex     + attention through FlexAttention (the (1, H, N, N) fp32 bias read in the
+             kernel's score modifier, its gradient accumulated in the kernel); not default
+    flex_autotune  flex with both FlexAttention kernels (forward and backward block sizes)
+             and the GEMMs autotuned (max-autotune-no-cudagraphs); not default
     fp8      fold + FP8 matmuls (tensorwise scales) in the transformer blocks' linears;
              other numerics, hence not in the default ladder; MFU still against bf16 peak
 
@@ -85,6 +87,8 @@ LADDER = {
     # trainer, deepspeed.fp8), hence not in the default ladder. MFU stays against bf16 peak.
     "fp8": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True, fp8=True),
     "flex": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True),
+    "flex_autotune": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True,
+                          compile_options={"mode": "max-autotune-no-cudagraphs"}),
     "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model", fold=True),
     "compile_autotune": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True,
                              compile_options={"mode": "max-autotune-no-cudagraphs"}),

@@ -136,7 +136,9 @@ class Attention(nn.Module):
         grid = rel_grid or (self.rel_pos_grid,) * 2
         if (_ATTENTION_IMPL == "flex" and q.is_cuda and drop == 0.0 and
                 (not has_bias or (rel_index.ndim == 2 and tuple(grid) == (self.rel_pos_grid,) * 2))):
-            bias = self.rel_pos_bias(rel_index, grid).to(q.dtype) if has_bias else None
+            # fp32: the kernel adds it to fp32 scores, and its backward accumulates the bias
+            # gradient with atomic adds over the batch, which in bf16 would round at every add.
+            bias = self.rel_pos_bias(rel_index, grid).float() if has_bias else None
             out = _flex_attention(q, k, v, bias)
             return self.proj(out.transpose(1, 2).reshape(B, N, C), out_scale)
         bias = None
