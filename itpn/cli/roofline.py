@@ -1,0 +1,379 @@
+"""Roofline of the student's training step, by part of the model (issue #6, "find out why").
+
+Runs one forward + backward of a recipe's objective on the meta device (no memory, no time)
+the way the trainer runs it under DeepSpeed bf16 (bf16 weights and activations, no
+autocast), and records every ATen op with the module it ran in (forward and backward, by
+``torch.utils.module_tracker``). Each op gets a lower bound on its GPU time,
+
+    max(FLOPs / peak, bytes / bandwidth)
+
+with FLOPs from torch's flop formulas and bytes = the elements it reads (its tensor
+arguments, broadcast dimensions counted once) + the elements it writes, as one eager kernel
+would move them. Views cost nothing. Attention is counted as SDPA's memory-efficient kernel
+(``aten._scaled_dot_product_efficient_attention`` and its backward, what CUDA runs for a
+relative bias), not as the math path the meta device would otherwise decompose it into.
+
+What it tells: which parts are bound by GEMMs and which by memory traffic, and how far the
+eager sum of bounds is from the step's measured time. Compilation fuses pointwise ops, so the
+non-GEMM bytes of a compiled step are lower than these eager ones; the GEMM and attention
+rows do not change. It is a model: it counts no launch gaps, no kernel inefficiency.
+
+``--compiled`` replaces the eager bytes of every block (the trainer's regional compilation)
+by the bytes of the kernels inductor generates for it, counted by inductor itself
+(``Scheduler`` nodes other than extern GEMM / attention calls). Those are CPU kernels:
+the block is compiled and run on the CPU at batch 2 and 4 (the slope is per image; attention
+is an opaque op there, so its math-path scores are not counted), and inductor's CPU fusion
+decisions stand in for its GPU ones.
+
+    itpn-roofline --recipe clip_l --batch 128 [--peak 791] [--bandwidth 3.35] [--compiled]
+    (= python benchmarks/roofline.py ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+from torch.utils.module_tracker import ModuleTracker
+
+from itpn.cli.bench import RECIPES, load_recipe, make_batch
+from itpn.engine.build import apply_block_options, build_objective
+from itpn.layers import Block
+
+aten = torch.ops.aten
+GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten.convolution_backward,
+         aten._scaled_mm}
+ATTENTION = {aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_efficient_attention_backward}
+
+
+def touched_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor addresses (stride-0 dimensions once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """SDPA as CUDA runs it with an additive bias: the memory-efficient kernel (it has meta
+    kernels and a derivative, so its backward is recorded as one op too)."""
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    out, *_ = aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p,
+                                                           is_causal, scale=scale)
+    return out
+
+
+@contextlib.contextmanager
+def efficient_attention():
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _efficient_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _innermost(tracker: ModuleTracker) -> str:
+    return max(tracker.parents, key=lambda name: name.count("."))
+
+
+class NodeTagger(TorchFunctionMode):
+    """In the forward, tags every autograd node a call creates with the module it ran in, so
+    that the backward's ops can be attributed by the node that runs them
+    (``torch._C._current_autograd_node``); the module tracker's own backward view keeps a
+    module open until all of its inputs have their gradients, which for the pyramid (fed by
+    stages 1-2) spans the whole stage-3 backward."""
+
+    def __init__(self, tracker: ModuleTracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.tracker.is_bw:
+            module = _innermost(self.tracker)
+            stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            while stack:
+                node = stack.pop()
+                if node is None or "module" in node.metadata:
+                    continue
+                node.metadata["module"] = module
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        return out
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records (module, phase, kind, op, flops, bytes) for every op that is not a view."""
+
+    def __init__(self, tracker: ModuleTracker):
+        super().__init__()
+        self.tracker = tracker
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view or func.overloadpacket in (aten.detach, aten.alias, aten._unsafe_view):
+            return out
+        packet = func.overloadpacket
+        flops = 0
+        if packet in flop_registry:
+            flops = flop_registry[packet](*args, **kwargs, out_val=out)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        nbytes = sum(touched_bytes(t) for t in inputs) + sum(touched_bytes(t) for t in outputs)
+        kind = "gemm" if packet in GEMMS else "attention" if packet in ATTENTION else "other"
+        backward = self.tracker.is_bw
+        if backward:
+            node = torch._C._current_autograd_node()
+            module = node.metadata.get("module", "Global") if node is not None else "Global"
+        else:
+            module = _innermost(self.tracker)
+        self.rows.append((module, "backward" if backward else "forward", kind, str(packet), flops, nbytes))
+        return out
+
+
+_SDPA = F.scaled_dot_product_attention  # the real one, for the opaque op's CPU kernels
+
+
+@torch.library.custom_op("itpn_roofline::attention", mutates_args=())
+def _opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                      dropout_p: float) -> torch.Tensor:
+    return _SDPA(q, k, v, attn_mask=bias, dropout_p=dropout_p).contiguous()
+
+
+@_opaque_attention.register_fake
+def _(q, k, v, bias, dropout_p):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("itpn_roofline::attention_backward", mutates_args=())
+def _opaque_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               bias: torch.Tensor | None) -> list[torch.Tensor]:
+    # The math-path gradients, written out (autograd is off inside a custom op's kernel).
+    scale = q.shape[-1] ** -0.5
+    qf, kf, vf, gf = q.float(), k.float(), v.float(), grad.float()
+    scores = qf @ kf.transpose(-2, -1) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    prob = scores.softmax(-1)
+    dprob = gf @ vf.transpose(-2, -1)
+    dscores = prob * (dprob - (dprob * prob).sum(-1, keepdim=True))
+    grads = [(dscores @ kf * scale).to(q.dtype), (dscores.transpose(-2, -1) @ qf * scale).to(k.dtype),
+             (prob.transpose(-2, -1) @ gf).to(v.dtype)]
+    if bias is not None:
+        dims = [i for i, (n, m) in enumerate(zip(bias.shape, dscores.shape)) if n == 1 and m != 1]
+        grads.append((dscores.sum(dims, keepdim=True) if dims else dscores).to(bias.dtype))
+    return [g.contiguous() for g in grads]
+
+
+@_opaque_attention_backward.register_fake
+def _(grad, q, k, v, bias):
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)] + (
+        [] if bias is None else [torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)])
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, bias, _ = inputs
+    ctx.save_for_backward(q, k, v, bias)
+    ctx.has_bias = bias is not None
+
+
+def _attention_grad(ctx, grad):
+    q, k, v, bias = ctx.saved_tensors
+    grads = _opaque_attention_backward(grad, q, k, v, bias if ctx.has_bias else None)
+    return grads[0], grads[1], grads[2], grads[3] if ctx.has_bias else None, None
+
+
+_opaque_attention.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+def _sdpa_as_opaque(query, key, value, attn_mask=None, dropout_p=0.0, **kw):
+    return _opaque_attention(query, key, value, attn_mask, dropout_p)
+
+
+def _signature(block: Block, args: tuple) -> tuple:
+    params = tuple((n, tuple(p.shape)) for n, p in block.named_parameters())
+    shapes = tuple(None if a is None else tuple(a.shape[1:]) if isinstance(a, torch.Tensor) and i == 0
+                   else tuple(a.shape) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+    return params, shapes, block.drop_path.enabled
+
+
+def compiled_block_bytes(calls: dict) -> dict:
+    """Per block signature: non-extern bytes per image of the compiled block's forward +
+    backward, from inductor's own count. ``calls``: signature -> (meta block, args)."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.metrics as metrics
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+    torch._logging.set_logs(inductor_metrics=True)  # inductor counts bytes only with its metrics log on
+    out = {}
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _sdpa_as_opaque
+    try:
+        with inductor_config.patch(fx_graph_cache=False):
+            for sig, (meta_block, args) in calls.items():
+                block = copy.deepcopy(meta_block).to_empty(device="cpu").to(torch.bfloat16)
+                with torch.no_grad():
+                    for p in block.parameters():
+                        p.normal_(0, 0.02)
+                    block.drop_path.keep.fill_(0.9)
+                block.train()
+                compiled = torch.compile(Block._forward, dynamic=False)
+                sizes = []
+                for b in (2, 4):
+                    x = torch.randn(b, *args[0].shape[1:], dtype=torch.bfloat16, requires_grad=True)
+                    rest = [torch.randint(0, 2, a.shape) if isinstance(a, torch.Tensor) else a for a in args[1:]]
+                    if rest and isinstance(rest[0], torch.Tensor) and rest[0].ndim == 3:
+                        rest[0] = torch.zeros(b, *rest[0].shape[1:], dtype=torch.long)
+                    metrics.reset()
+                    y = compiled(block, x, *rest)
+                    y.backward(torch.ones_like(y))
+                    sizes.append(sum(4 * n for node, n in metrics.nodes_num_elem
+                                     if not isinstance(node, ExternKernelSchedulerNode)))
+                torch._dynamo.reset()
+                out[sig] = (sizes[1] - sizes[0]) / 2
+    finally:
+        F.scaled_dot_product_attention = original
+        torch._logging.set_logs()
+    return out
+
+
+def group_of(module: str) -> str:
+    """The row a module's ops are summed in: encoder.<part>, else the objective's child."""
+    parts = module.split(".")[1:]  # drop the root objective's class name
+    if not parts:
+        return "(objective)"
+    return ".".join(parts[:2]) if parts[0] == "encoder" and len(parts) > 1 else parts[0]
+
+
+TEACHER_DIMS = {"ViT-L-14": 768, "ViT-B-16": 512}  # open_clip's embedding widths (the MFM targets)
+
+
+def record_step(recipe: str, batch: int) -> tuple[list, dict]:
+    """Rows (module, phase, kind, op, FLOPs, bytes) of one forward + backward at ``batch``,
+    and the parameter count, the root's class name and every Block call (name, block, args)."""
+    cfg = load_recipe(recipe)
+    clip = cfg["objective"]["kind"] == "clip"
+    teacher_dim = TEACHER_DIMS.get(cfg["teacher"]["arch"], 512)
+    cfg["objective"]["teacher_dim"] = teacher_dim
+    with torch.device("meta"):
+        model = build_objective(cfg).to(torch.bfloat16).train()
+    apply_block_options(model, 0, False, False, fold_layer_scale=True)
+    x, mask, _ = make_batch(cfg, batch, "meta")
+    kwargs = {}
+    if clip:
+        kwargs["targets"] = torch.empty(batch, mask.shape[1], teacher_dim, device="meta", dtype=torch.bfloat16)
+    tracker = ModuleTracker()
+    recorder = OpRecorder(tracker)
+    block_calls = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def record_call(block, args, kwargs):  # Block.forward(x, rel_index=None, rel_grid=None)
+        block_calls.append((names[block], block, (tuple(args) + tuple(kwargs.values()) + (None, None))[:3]))
+    hooks = [m.register_forward_pre_hook(record_call, with_kwargs=True)
+             for m in model.modules() if isinstance(m, Block)]
+    with efficient_attention(), tracker, NodeTagger(tracker), recorder:
+        model(x.to(torch.bfloat16), mask, **kwargs)["loss"].backward()
+    for h in hooks:
+        h.remove()
+    n_params = sum(p.numel() for p in model.parameters())
+    return recorder.rows, {"params": n_params, "block_calls": block_calls, "root": type(model).__name__}
+
+
+def in_compiled(module: str, compiled: dict | None) -> bool:
+    return bool(compiled) and any(module == b or module.startswith(b + ".") for b in compiled)
+
+
+def summarise(rows, peak: float, bandwidth: float, compiled: dict | None = None):
+    """Per group: FLOPs, bytes and the time bound of GEMMs, attention and the rest, in ms.
+    ``compiled``: {qualified block name: non-GEMM bytes of its compiled kernels}; the eager
+    non-GEMM ops inside those blocks are then replaced by that count."""
+    table = defaultdict(lambda: defaultdict(float))
+    compiled = compiled or {}
+    for module, phase, kind, _, flops, nbytes in rows:
+        if kind == "other" and in_compiled(module, compiled):
+            continue
+        g = table[group_of(module)]
+        g[f"{kind}_ms"] += 1e3 * max(flops / peak, nbytes / bandwidth)
+        g[f"{kind}_gflop"] += flops / 1e9
+        g[f"{kind}_gb"] += nbytes / 1e9
+    for block, nbytes in compiled.items():
+        g = table[group_of(block)]
+        g["other_ms"] += 1e3 * nbytes / bandwidth
+        g["other_gb"] += nbytes / 1e9
+    return table
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="clip_l")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--peak", type=float, default=791.0, help="bf16 matmul TFLOP/s (measured on the H100: 791)")
+    p.add_argument("--bandwidth", type=float, default=3.35, help="memory TB/s (H100 SXM HBM3: 3.35)")
+    p.add_argument("--top", type=int, default=8, help="also list the N ops with the largest non-GEMM bound")
+    p.add_argument("--compiled", action="store_true",
+                   help="count each block's non-GEMM bytes as inductor's compiled kernels move them")
+    args = p.parse_args(argv)
+    peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12
+    rows, info = record_step(args.recipe, args.batch)
+    compiled = None
+    if args.compiled:
+        calls = {}
+        for name, block, block_args in info["block_calls"]:
+            calls.setdefault(_signature(block, block_args), (block, block_args))
+        per_image = compiled_block_bytes(calls)
+        compiled = {f"{info['root']}.{name}": per_image[_signature(block, block_args)] * args.batch
+                    for name, block, block_args in info["block_calls"]}
+        print(f"{len(calls)} block signatures compiled (inductor, CPU) for {len(compiled)} block calls; "
+              "non-GEMM MB per image and call, eager -> compiled:")
+        for sig, (block, block_args) in calls.items():
+            names = [f"{info['root']}.{n}" for n, b, a in info["block_calls"] if _signature(b, a) == sig]
+            eager = sum(r[5] for r in rows if r[2] == "other" and in_compiled(r[0], {names[0]: 0}))
+            print(f"  {names[0]:40s} x{len(names):<3d} {eager / args.batch / 1e6:8.2f} -> {per_image[sig] / 1e6:8.2f}")
+    table = summarise(rows, peak, bandwidth, compiled=compiled)
+    print(f"recipe {args.recipe}, batch {args.batch}, bf16 weights and activations, folded layer scale, "
+          f"{'compiled blocks' if compiled else 'eager'}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
+    print(f"{'part':22s} {'GEMM GFLOP':>11s} {'GEMM ms':>8s} {'attn ms':>8s} {'other GB':>9s} {'other ms':>9s} "
+          f"{'total ms':>9s}")
+    totals = defaultdict(float)
+    order = sorted(table, key=lambda g: -sum(v for k, v in table[g].items() if k.endswith("_ms")))
+    for name in order:
+        g = table[name]
+        total = g["gemm_ms"] + g["attention_ms"] + g["other_ms"]
+        for k, v in g.items():
+            totals[k] += v
+        print(f"{name:22s} {g['gemm_gflop']:11.0f} {g['gemm_ms']:8.1f} {g['attention_ms']:8.1f} "
+              f"{g['other_gb']:9.1f} {g['other_ms']:9.1f} {total:9.1f}")
+    total = totals["gemm_ms"] + totals["attention_ms"] + totals["other_ms"]
+    print(f"{'student, all':22s} {totals['gemm_gflop']:11.0f} {totals['gemm_ms']:8.1f} "
+          f"{totals['attention_ms']:8.1f} {totals['other_gb']:9.1f} {totals['other_ms']:9.1f} {total:9.1f}")
+    # Optimizer under DeepSpeed bf16 ZeRO-1 on one GPU: fp32 master, m, v read and written,
+    # the fp32 gradient read, the bf16 weights written.
+    opt_bytes = info["params"] * (3 * 4 * 2 + 4 + 2)
+    print(f"optimizer (fused AdamW, fp32 state, {info['params'] / 1e6:.1f} M parameters): "
+          f"{opt_bytes / 1e9:.1f} GB, {1e3 * opt_bytes / bandwidth:.1f} ms")
+    others = defaultdict(lambda: [0.0, 0.0, 0])
+    for module, phase, kind, op, flops, nbytes in rows:
+        if kind == "other" and not in_compiled(module, compiled):
+            key = (group_of(module), phase, op)
+            others[key][0] += 1e3 * nbytes / bandwidth
+            others[key][1] += nbytes / 1e9
+            others[key][2] += 1
+    print("largest non-GEMM bounds outside compiled blocks (part, phase, op: ms, GB, calls):")
+    for (part, phase, op), (ms, gb, n) in sorted(others.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        print(f"  {part:20s} {phase:8s} {op:40s} {ms:7.1f} ms {gb:7.1f} GB {n:5d}")
+
+
+if __name__ == "__main__":
+    main()
