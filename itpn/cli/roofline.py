@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import logging
 from collections import defaultdict
 
 import torch
@@ -216,7 +217,11 @@ def compiled_block_bytes(calls: dict) -> dict:
     import torch._inductor.metrics as metrics
     from torch._inductor.scheduler import ExternKernelSchedulerNode
 
-    torch._logging.set_logs(inductor_metrics=True)  # inductor counts bytes only with its metrics log on
+    # Inductor counts bytes only while its metrics log is enabled; enable it without output.
+    log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
+    saved = log.level, log.propagate, log.handlers[:]
+    log.setLevel(logging.INFO)
+    log.propagate, log.handlers = False, [logging.NullHandler()]
     out = {}
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _sdpa_as_opaque
@@ -245,7 +250,8 @@ def compiled_block_bytes(calls: dict) -> dict:
                 out[sig] = (sizes[1] - sizes[0]) / 2
     finally:
         F.scaled_dot_product_attention = original
-        torch._logging.set_logs()
+        log.setLevel(saved[0])
+        log.propagate, log.handlers = saved[1], saved[2]
     return out
 
 
@@ -336,7 +342,7 @@ def main(argv=None) -> None:
         compiled = {f"{info['root']}.{name}": per_image[_signature(block, block_args)] * args.batch
                     for name, block, block_args in info["block_calls"]}
         print(f"{len(calls)} block signatures compiled (inductor, CPU) for {len(compiled)} block calls; "
-              "non-GEMM MB per image and call, eager -> compiled:")
+              "non-GEMM MB per image and call, eager (bytes / batch) -> compiled (slope, batch 2 to 4):")
         for sig, (block, block_args) in calls.items():
             names = [f"{info['root']}.{n}" for n, b, a in info["block_calls"] if _signature(b, a) == sig]
             eager = sum(r[5] for r in rows if r[2] == "other" and in_compiled(r[0], {names[0]: 0}))
