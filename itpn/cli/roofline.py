@@ -22,8 +22,9 @@ rows do not change. It is a model: it counts no launch gaps, no kernel inefficie
 by the bytes of the kernels inductor generates for it, counted by inductor itself
 (``Scheduler`` nodes other than extern GEMM / attention calls). Those are CPU kernels:
 the block is compiled and run on the CPU at batch 2 and 4 (the slope is per image; attention
-is an opaque op there, so its math-path scores are not counted), and inductor's CPU fusion
-decisions stand in for its GPU ones.
+is an opaque op there, so its math-path scores are not counted, with its output and gradients
+in the layout CUDA's kernel gives them), and inductor's CPU fusion decisions stand in for its
+GPU ones.
 
     itpn-roofline --recipe clip_l --batch 128 [--peak 791] [--bandwidth 3.35] [--compiled]
     (= python benchmarks/roofline.py ...)
@@ -147,15 +148,26 @@ class OpRecorder(TorchDispatchMode):
 _SDPA = F.scaled_dot_product_attention  # the real one, for the opaque op's CPU kernels
 
 
+def _bmhk(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) values stored as (B, N, H, d): the layout CUDA's memory-efficient kernel
+    allocates its output and its q, k, v gradients in, so that (B, N, H * d) is a view."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _empty_bmhk(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return torch.empty(b, n, h, d, dtype=t.dtype, device=t.device).transpose(1, 2)
+
+
 @torch.library.custom_op("itpn_roofline::attention", mutates_args=())
 def _opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                       dropout_p: float) -> torch.Tensor:
-    return _SDPA(q, k, v, attn_mask=bias, dropout_p=dropout_p).contiguous()
+    return _bmhk(_SDPA(q, k, v, attn_mask=bias, dropout_p=dropout_p))
 
 
 @_opaque_attention.register_fake
 def _(q, k, v, bias, dropout_p):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return _empty_bmhk(q)
 
 
 @torch.library.custom_op("itpn_roofline::attention_backward", mutates_args=())
@@ -175,12 +187,12 @@ def _opaque_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
     if bias is not None:
         dims = [i for i, (n, m) in enumerate(zip(bias.shape, dscores.shape)) if n == 1 and m != 1]
         grads.append((dscores.sum(dims, keepdim=True) if dims else dscores).to(bias.dtype))
-    return [g.contiguous() for g in grads]
+    return [_bmhk(g) for g in grads[:3]] + [g.contiguous() for g in grads[3:]]
 
 
 @_opaque_attention_backward.register_fake
 def _(grad, q, k, v, bias):
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)] + (
+    return [_empty_bmhk(t) for t in (q, k, v)] + (
         [] if bias is None else [torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)])
 
 

@@ -128,9 +128,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rel_index: torch.Tensor | None = None,
                 rel_grid: tuple[int, int] | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        # (B, N, 3C) -> (B, N, 3, H, d) -> (3, B, H, N, d)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # (B, N, 3C) -> (B, N, 3, H, d) -> three (B, H, N, d) views. Unbinding dim 2 (not a
+        # permuted dim 0) makes the backward stack the q, k, v gradients straight into the
+        # (B, N, 3C) layout qkv's weight gradient reads, without a permuted copy of it.
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         drop = self.attn_drop if self.training else 0.0
         has_bias = self.relative_position_bias_table is not None and rel_index is not None
         grid = rel_grid or (self.rel_pos_grid,) * 2
