@@ -49,6 +49,7 @@ from torch.utils.module_tracker import ModuleTracker
 from itpn.cli.bench import RECIPES, load_recipe, make_batch
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.layers import Block
+from itpn.objectives.clip_teacher import target_width
 
 aten = torch.ops.aten
 GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten.convolution_backward,
@@ -76,13 +77,18 @@ def _efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 @contextlib.contextmanager
-def efficient_attention():
+def _sdpa_replaced(fn):
+    """``F.scaled_dot_product_attention`` (which ``Attention`` calls) is ``fn`` inside."""
     original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _efficient_sdpa
+    F.scaled_dot_product_attention = fn
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+def efficient_attention():
+    return _sdpa_replaced(_efficient_sdpa)
 
 
 def _innermost(tracker: ModuleTracker) -> str:
@@ -235,10 +241,8 @@ def compiled_block_bytes(calls: dict) -> dict:
     log.setLevel(logging.INFO)
     log.propagate, log.handlers = False, [logging.NullHandler()]
     out = {}
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _sdpa_as_opaque
     try:
-        with inductor_config.patch(fx_graph_cache=False):
+        with _sdpa_replaced(_sdpa_as_opaque), inductor_config.patch(fx_graph_cache=False):
             for sig, (meta_block, args) in calls.items():
                 block = copy.deepcopy(meta_block).to_empty(device="cpu").to(torch.bfloat16)
                 with torch.no_grad():
@@ -261,7 +265,6 @@ def compiled_block_bytes(calls: dict) -> dict:
                 torch._dynamo.reset()
                 out[sig] = (sizes[1] - sizes[0]) / 2
     finally:
-        F.scaled_dot_product_attention = original
         log.setLevel(saved[0])
         log.propagate, log.handlers = saved[1], saved[2]
     return out
@@ -275,15 +278,12 @@ def group_of(module: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "encoder" and len(parts) > 1 else parts[0]
 
 
-TEACHER_DIMS = {"ViT-L-14": 768, "ViT-B-16": 512}  # open_clip's embedding widths (the MFM targets)
-
-
 def record_step(recipe: str, batch: int) -> tuple[list, dict]:
     """Rows (module, phase, kind, op, FLOPs, bytes) of one forward + backward at ``batch``,
     and the parameter count, the root's class name and every Block call (name, block, args)."""
     cfg = load_recipe(recipe)
     clip = cfg["objective"]["kind"] == "clip"
-    teacher_dim = TEACHER_DIMS.get(cfg["teacher"]["arch"], 512)
+    teacher_dim = target_width(cfg["teacher"]["arch"]) if clip else 0
     cfg["objective"]["teacher_dim"] = teacher_dim
     with torch.device("meta"):
         model = build_objective(cfg).to(torch.bfloat16).train()
@@ -309,8 +309,9 @@ def record_step(recipe: str, batch: int) -> tuple[list, dict]:
     return recorder.rows, {"params": n_params, "block_calls": block_calls, "root": type(model).__name__}
 
 
-def in_compiled(module: str, compiled: dict | None) -> bool:
-    return bool(compiled) and any(module == b or module.startswith(b + ".") for b in compiled)
+def in_compiled(module: str, blocks) -> bool:
+    """Whether ``module`` is one of ``blocks`` (qualified names) or inside one."""
+    return bool(blocks) and any(module == b or module.startswith(b + ".") for b in blocks)
 
 
 def summarise(rows, peak: float, bandwidth: float, compiled: dict | None = None):
@@ -347,18 +348,20 @@ def main(argv=None) -> None:
     rows, info = record_step(args.recipe, args.batch)
     compiled = None
     if args.compiled:
-        calls = {}
+        calls, names = {}, defaultdict(list)  # signature -> (first block, its args); -> qualified names
         for name, block, block_args in info["block_calls"]:
-            calls.setdefault(_signature(block, block_args), (block, block_args))
+            sig = _signature(block, block_args)
+            calls.setdefault(sig, (block, block_args))
+            names[sig].append(f"{info['root']}.{name}")
         per_image = compiled_block_bytes(calls)
-        compiled = {f"{info['root']}.{name}": per_image[_signature(block, block_args)] * args.batch
-                    for name, block, block_args in info["block_calls"]}
+        compiled = {name: per_image[sig] * args.batch for sig in calls for name in names[sig]}
         print(f"{len(calls)} block signatures compiled (inductor, CPU) for {len(compiled)} block calls; "
               "non-GEMM MB per image and call, eager (bytes / batch) -> compiled (slope, batch 2 to 4):")
-        for sig, (block, block_args) in calls.items():
-            names = [f"{info['root']}.{n}" for n, b, a in info["block_calls"] if _signature(b, a) == sig]
-            eager = sum(r[5] for r in rows if r[2] == "other" and in_compiled(r[0], {names[0]: 0}))
-            print(f"  {names[0]:40s} x{len(names):<3d} {eager / args.batch / 1e6:8.2f} -> {per_image[sig] / 1e6:8.2f}")
+        for sig in calls:
+            first = names[sig][0]
+            eager = sum(r[5] for r in rows if r[2] == "other" and in_compiled(r[0], [first]))
+            print(f"  {first:40s} x{len(names[sig]):<3d} {eager / args.batch / 1e6:8.2f} -> "
+                  f"{per_image[sig] / 1e6:8.2f}")
     table = summarise(rows, peak, bandwidth, compiled=compiled)
     print(f"recipe {args.recipe}, batch {args.batch}, bf16 weights and activations, folded layer scale, "
           f"{'compiled blocks' if compiled else 'eager'}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")

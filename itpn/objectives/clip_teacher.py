@@ -82,7 +82,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = ["CLIPTeacher", "build_clip_teacher", "load_clip_state_dict", "register_model_config",
-           "register_tiny_config", "resize_pos_embed", "TINY_ARCH", "DTYPES"]
+           "register_tiny_config", "resize_pos_embed", "target_width", "TINY_ARCH", "DTYPES"]
 
 # Entries OpenAI's TorchScript archives keep next to the weights (open_clip drops them too).
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -211,6 +211,12 @@ def _resolve_arch(arch: str) -> tuple[str, dict]:
         raise ValueError(f"teacher arch {name!r} is not a plain open_clip VisionTransformer "
                          "(timm, ResNet and attention-pooled towers are not supported)")
     return name, cfg
+
+
+def target_width(arch: str) -> int:
+    """The width D of an open_clip arch's targets (its projection's output), from its config
+    alone: 512 for ViT-B-16, 768 for ViT-L-14, without building the tower."""
+    return int(_resolve_arch(arch)[1]["embed_dim"])
 
 
 def _resolve_weights(arch: str, weights: str | None, cache_dir: str | None) -> _Source:

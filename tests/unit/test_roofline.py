@@ -12,6 +12,7 @@ from itpn.cli.roofline import (NodeTagger, OpRecorder, _signature, compiled_bloc
                                main, record_step, touched_bytes)
 from itpn.engine.build import build_objective
 from itpn.layers import Block, attention_impl, relative_position_index
+from itpn.objectives.clip_teacher import target_width
 
 
 def _record(model, *inputs):
@@ -59,11 +60,12 @@ def test_a_linear_moves_its_operands_and_its_backward_is_attributed_to_it():
 def test_flops_agree_with_the_benchmarks_counter():
     rows, info = record_step("tiny", 4)
     cfg = load_recipe("tiny")
-    cfg["objective"]["teacher_dim"] = 512
+    width = target_width(cfg["teacher"]["arch"])
+    cfg["objective"]["teacher_dim"] = width
     with torch.device("meta"):
         model = build_objective(cfg)
         x, mask, _ = make_batch(cfg, 4, "meta")
-        targets = torch.empty(4, mask.shape[1], 512)
+        targets = torch.empty(4, mask.shape[1], width)
     with attention_impl("naive"), FlopCounterMode(display=False) as counter:
         model(x, mask, targets=targets)["loss"].backward()
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
