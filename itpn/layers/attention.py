@@ -13,14 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bias_attention
 from .linear import ScaledLinear
 
 # "sdpa" (default); "flex": FlexAttention with the relative bias read from the table inside
 # the kernel (GPU, meant for compiled blocks; falls back to SDPA where it cannot apply);
-# "naive": an explicit fp32 softmax over a materialised score matrix, kept only as the
-# baseline the speed benchmark and the equivalence tests compare against.
+# "triton": our fused kernel for a bias shared over the batch (bias_attention.py; GPU, bf16 or
+# fp16, falls back to SDPA where it cannot apply); "naive": an explicit fp32 softmax over a
+# materialised score matrix, kept only as the baseline the speed benchmark and the
+# equivalence tests compare against.
 _ATTENTION_IMPL = "sdpa"
-IMPLS = ("sdpa", "flex", "naive")
+IMPLS = ("sdpa", "flex", "triton", "naive")
 # Measured fastest for N=196, d=64 on an H100 (docs/performance.md).
 FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
 
@@ -136,6 +139,15 @@ class Attention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         has_bias = self.relative_position_bias_table is not None and rel_index is not None
         grid = rel_grid or (self.rel_pos_grid,) * 2
+        if _ATTENTION_IMPL == "triton" and drop == 0.0 and bias_attention.usable(qkv):
+            # An fp32 bias, (H, N, N) for the batch or (B, H, n, n) per sample; the kernel reads
+            # q, k, v inside qkv and returns (B, N, H, d), so neither side needs a copy.
+            bias = None
+            if has_bias:
+                bias = self.rel_pos_bias(rel_index, grid).float()
+                bias = (bias[0] if rel_index.ndim == 2 else bias).contiguous()
+            out = bias_attention.bias_attention(qkv, bias)
+            return self.proj(out.reshape(B, N, C), out_scale)
         if (_ATTENTION_IMPL == "flex" and q.is_cuda and drop == 0.0 and
                 (not has_bias or (rel_index.ndim == 2 and tuple(grid) == (self.rel_pos_grid,) * 2))):
             # fp32: the kernel adds it to fp32 scores, and its backward accumulates the bias

@@ -1,0 +1,362 @@
+"""Fused attention with a trainable additive bias shared over the batch, in Triton: the
+relative position bias of HiViT's stage-3 blocks (iTPN paper, section 3.2; reference doc,
+sections 1 and 5) at the short sequences it meets (N = 196 at 224 px).
+
+Why a kernel of our own: SDPA cannot take a bias on its flash path, and its
+memory-efficient kernel ran the CLIP-L step's attention at ~6.5x its roofline bound
+(docs/performance.md); FlexAttention was slower still inside the compiled step. This is the
+FlashAttention-2 scheme (online softmax forward; backward recomputes the probabilities from
+the saved log-sum-exp) with three things specific to our blocks:
+
+* q, k and v are read in place from qkv's (B, N, 3, H, d) output, and the backward writes
+  their gradients into one (B, N, 3, H, d) tensor: qkv's output gradient as its Linear reads
+  it, with no stack of three (B, H, N, d) gradients (a (B, N, 3C) copy per block);
+* the output is (B, N, H, d), so the (B, N, C) input of ``proj`` is a view;
+* the bias is a (H, N, N) fp32 tensor for the whole batch (all tokens, CLIP-MFM) or a
+  (B, H, N, N) one (each sample's visible tokens, pixel MIM); the gradient of a shared bias
+  is each sample's score gradient summed over the batch, in fp32, in a fixed order
+  (per-sample tiles, then one sum: no atomics, so the result is deterministic).
+
+``bias_attention(qkv, bias)`` is a custom op (``torch.library``), opaque to ``torch.compile``
+like SDPA's kernels. On CUDA it launches the compiled kernels; on the CPU the same kernel
+code runs in Triton's interpreter (slow: it exists for the tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds ship without Triton
+    triton = tl = None
+
+# Kernels are compiled for CUDA; with TRITON_INTERPRET=1 set before Triton is imported, the
+# same decorator makes them run in Triton's interpreter on CPU tensors (the tests do this).
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+#: Query x key tile sizes and warps of the kernels (CUDA). 64 x 64 fits the (BM, d) and
+#: (BN, d) tiles of d = 64 and the (BM, BN) fp32 scores in registers at 4 warps.
+BLOCK_M = 64
+BLOCK_N = 64
+NUM_WARPS = 4
+_LOG2E = 1.4426950408889634
+
+
+def available() -> bool:
+    return triton is not None
+
+
+@_jit
+def _dot(a, b, F32: tl.constexpr):
+    # F32: fp32 operands, for Triton's interpreter, whose dot of bf16 operands is wrong (numpy has
+    # no bf16); the operands are rounded to their storage type first, as on the GPU.
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@_jit
+def _fwd_kernel(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh, s_lb, s_lh,
+                N, H, qk_scale,
+                HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    # One program: BM queries of one (sample, head); online softmax over key tiles, in log2
+    # units (scores times log2 e) so that exp2 does the exponentials.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    base = QKV + b * s_qb + h * s_qh
+    q = tl.load(base + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.full([BM], 0.0, tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for start in range(0, N, BN):
+        kn = start + offs_n
+        col_ok = kn < N
+        k = tl.load(base + s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(base + 2 * s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), F32) * qk_scale  # (BM, BN)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * s_bb + h * s_bh + offs_m[:, None] * s_bq + kn[None, :],
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            s += bias * 1.4426950408889634  # log2 e
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + b * s_lb + h * s_lh + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@_jit
+def _delta_kernel(O, DO, DELTA, s_ob, s_on, s_oh, s_lb, s_lh, N, H, D: tl.constexpr, BM: tl.constexpr):
+    # delta = rowsum(dO * O) per query: the softmax backward's correction term.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    ptr = b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :]
+    o = tl.load(O + ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + b * s_lb + h * s_lh + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@_jit
+def _bwd_dkdv_kernel(QKV, BIAS, DO, LSE, DELTA, DQKV, DBIAS, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq,
+                     s_ob, s_on, s_oh, s_lb, s_lh, s_db, s_dh, s_dq, N, H, qk_scale, sm_scale,
+                     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, D: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    # One program: BN keys of one (sample, head); loops over all query tiles. Writes dk and dv,
+    # and (BIAS_GRAD) this sample's score gradient for its key columns.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < N
+    base = QKV + b * s_qb + h * s_qh
+    k = tl.load(base + s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(base + 2 * s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    for start in range(0, N, BM):
+        qm = start + offs_m
+        row_ok = qm < N
+        q = tl.load(base + qm[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * s_ob + h * s_oh + qm[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
+        ok = row_ok[:, None] & col_ok[None, :]
+        s = _dot(q, tl.trans(k), F32) * qk_scale  # (BM, BN)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * s_bb + h * s_bh + qm[:, None] * s_bq + offs_n[None, :], mask=ok, other=0.0)
+            s += bias * 1.4426950408889634  # log2 e
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, F32)
+        dp = _dot(do, tl.trans(v), F32)
+        ds = p * (dp - delta[:, None])  # gradient of the natural-units score
+        if BIAS_GRAD:
+            tl.store(DBIAS + b * s_db + h * s_dh + qm[:, None] * s_dq + offs_n[None, :], ds, mask=ok)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
+    out = DQKV + b * s_qb + h * s_qh + offs_n[:, None] * s_qn + offs_d[None, :]
+    tl.store(out + s_q3, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(out + 2 * s_q3, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@_jit
+def _bwd_dq_kernel(QKV, BIAS, DO, LSE, DELTA, DQKV, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh,
+                   s_lb, s_lh, N, H, qk_scale, sm_scale,
+                   HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    # One program: BM queries of one (sample, head); loops over all key tiles for dq.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < N
+    base = QKV + b * s_qb + h * s_qh
+    q = tl.load(base + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BM, D], tl.float32)
+    for start in range(0, N, BN):
+        kn = start + offs_n
+        col_ok = kn < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        k = tl.load(base + s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(base + 2 * s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), F32) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * s_bb + h * s_bh + offs_m[:, None] * s_bq + kn[None, :], mask=ok, other=0.0)
+            s += bias * 1.4426950408889634  # log2 e
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+        ds = p * (_dot(do, tl.trans(v), F32) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, F32)
+    tl.store(DQKV + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :],
+             (dq * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def usable(qkv: torch.Tensor) -> bool:
+    """Whether ``bias_attention`` can take this (B, N, 3, H, d) qkv: Triton present, a CUDA
+    tensor in bf16 / fp16 (fp32 operands would run the tensor cores in tf32) or the
+    interpreter, d a power of two >= 16 (the tile width)."""
+    d = qkv.shape[-1]
+    dtype_ok = qkv.dtype in (torch.bfloat16, torch.float16) or (_interpreted() and qkv.dtype == torch.float32)
+    return (triton is not None and (qkv.is_cuda or _interpreted()) and dtype_ok and d >= 16 and not d & (d - 1)
+            and qkv.stride(-1) == 1)
+
+
+def _kernels(device: torch.device) -> dict:
+    """The four kernels: compiled for CUDA, or Triton's interpreter on CPU tensors."""
+    if triton is None:
+        raise RuntimeError("bias_attention needs Triton (it ships with the CUDA builds of torch)")
+    if device.type != "cuda" and not _interpreted():
+        raise RuntimeError(f"bias_attention runs on CUDA tensors (got {device}); on the CPU only in "
+                           "Triton's interpreter, with TRITON_INTERPRET=1 set before Triton is imported")
+    return dict(fwd=_fwd_kernel, delta=_delta_kernel, dkdv=_bwd_dkdv_kernel, dq=_bwd_dq_kernel)
+
+
+def _check(qkv: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int, int]:
+    if qkv.ndim != 5 or qkv.shape[2] != 3 or qkv.stride(-1) != 1:
+        raise ValueError(f"bias_attention: qkv must be (B, N, 3, H, d) with unit last stride, got "
+                         f"shape {tuple(qkv.shape)} strides {qkv.stride()}")
+    B, N, _, H, d = qkv.shape
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"bias_attention: head dim {d} must be a power of two >= 16")
+    if bias is not None and (tuple(bias.shape) not in ((H, N, N), (B, H, N, N)) or bias.dtype != torch.float32
+                             or not bias.is_contiguous()):
+        raise ValueError(f"bias_attention: bias must be a contiguous float32 ({H}, {N}, {N}) or ({B}, {H}, {N}, "
+                         f"{N}) tensor, got {tuple(bias.shape)} {bias.dtype}")
+    return B, N, H, d
+
+
+def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """(sample, head, query) strides of the bias; a bias shared by the batch has sample stride 0."""
+    if bias is None:
+        return 0, 0, 0
+    if bias.ndim == 3:
+        return 0, bias.stride(0), bias.stride(1)
+    return bias.stride(0), bias.stride(1), bias.stride(2)
+
+
+def _blocks(device: torch.device) -> tuple[int, int, dict]:
+    if device.type == "cuda":
+        return BLOCK_M, BLOCK_N, {"num_warps": NUM_WARPS}
+    # The interpreter: small tiles, so that the tests cover several of them and partial ones.
+    return 16, 16, {}
+
+
+@torch.library.custom_op("itpn::bias_attention", mutates_args=())
+def _bias_attention(qkv: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, H, d = _check(qkv, bias)
+    out = torch.empty(B, N, H, d, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
+    bm, bn, opts = _blocks(qkv.device)
+    f32 = qkv.device.type != "cuda"
+    k = _kernels(qkv.device)
+    b_arg = bias if bias is not None else lse  # any pointer; unread without a bias
+    b_strides = _bias_strides(bias)
+    k["fwd"][(triton.cdiv(N, bm), B * H)](
+        qkv, b_arg, out, lse, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *b_strides,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), N, H, scale * _LOG2E,
+        HAS_BIAS=bias is not None, D=d, BM=bm, BN=bn, F32=f32, **opts)
+    return out, lse
+
+
+@_bias_attention.register_fake
+def _(qkv, bias, scale):
+    B, N, H, d = _check(qkv, bias)
+    return (qkv.new_empty(B, N, H, d), qkv.new_empty(B, H, N, dtype=torch.float32))
+
+
+@torch.library.custom_op("itpn::bias_attention_backward", mutates_args=())
+def _bias_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor | None,
+                             out: torch.Tensor, lse: torch.Tensor, scale: float,
+                             bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, H, d = _check(qkv, bias)
+    grad = grad.contiguous()
+    bm, bn, opts = _blocks(qkv.device)
+    f32 = qkv.device.type != "cuda"
+    k = _kernels(qkv.device)
+    delta = torch.empty_like(lse)
+    k["delta"][(triton.cdiv(N, bm), B * H)](
+        out, grad, delta, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), N, H,
+        D=d, BM=bm, **opts)
+    dqkv = torch.empty(B, N, 3, H, d, dtype=qkv.dtype, device=qkv.device)
+    with_bias_grad = bias is not None and bias_grad
+    # Each sample's score gradient; for a bias shared by the batch, summed over it below in fp32.
+    per_sample = torch.empty(B, H, N, N, dtype=torch.float32, device=qkv.device) if with_bias_grad else lse
+    b_arg = bias if bias is not None else lse
+    b_strides = _bias_strides(bias)
+    ps_strides = (per_sample.stride(0), per_sample.stride(1), per_sample.stride(2)) if with_bias_grad else (0, 0, 0)
+    common = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *b_strides,
+              grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1))
+    k["dkdv"][(triton.cdiv(N, bn), B * H)](
+        qkv, b_arg, grad, lse, delta, dqkv, per_sample, *common, *ps_strides, N, H, scale * _LOG2E, scale,
+        HAS_BIAS=bias is not None, BIAS_GRAD=with_bias_grad, D=d, BM=bm, BN=bn, F32=f32, **opts)
+    k["dq"][(triton.cdiv(N, bm), B * H)](
+        qkv, b_arg, grad, lse, delta, dqkv, *common, N, H, scale * _LOG2E, scale,
+        HAS_BIAS=bias is not None, D=d, BM=bm, BN=bn, F32=f32, **opts)
+    if not with_bias_grad:
+        return dqkv, lse.new_empty(0)
+    return dqkv, per_sample.sum(0) if bias.ndim == 3 else per_sample
+    return dqkv, dbias
+
+
+@_bias_attention_backward.register_fake
+def _(grad, qkv, bias, out, lse, scale, bias_grad):
+    B, N, H, d = _check(qkv, bias)
+    dbias = torch.empty_like(bias) if bias is not None and bias_grad else lse.new_empty(0)
+    return torch.empty(B, N, 3, H, d, dtype=qkv.dtype, device=qkv.device), dbias
+
+
+def _setup(ctx, inputs, output):
+    qkv, bias, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(qkv, bias, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad, _grad_lse):
+    qkv, bias, out, lse = ctx.saved_tensors
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
+    dqkv, dbias = _bias_attention_backward(grad, qkv, bias if ctx.has_bias else None, out, lse, ctx.scale,
+                                           bias_grad)
+    return dqkv, dbias if bias_grad else None, None
+
+
+_bias_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def bias_attention(qkv: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v for q, k, v = qkv.unbind(2).
+
+    qkv: (B, N, 3, H, d), d a power of two >= 16; bias: float32, contiguous, (H, N, N) for
+    every sample or (B, H, N, N) per sample (None: no bias); scale defaults to d^-0.5.
+    Returns (B, N, H, d)."""
+    if scale is None:
+        scale = qkv.shape[-1] ** -0.5
+    return _bias_attention(qkv, bias, float(scale))[0]
+
+
+def reference(qkv: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """The same product in plain fp32 torch, (B, N, H, d): the tests' reference."""
+    q, k, v = (t.transpose(1, 2).float() for t in qkv.unbind(2))  # (B, H, N, d)
+    scale = qkv.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-2, -1) * scale
+    if bias is not None:
+        s = s + bias.float()
+    return (s.softmax(-1) @ v).transpose(1, 2).to(qkv.dtype)
+
+
+__all__ = ["bias_attention", "reference", "available", "usable", "BLOCK_M", "BLOCK_N", "NUM_WARPS"]
+

@@ -1,0 +1,110 @@
+"""The Triton kernels of itpn/layers/bias_attention.py run in Triton's interpreter on the
+CPU. Not collected by the suite's own run (the interpreter has to be switched on before
+Triton is imported): test_bias_attention.py runs this file in a subprocess with
+TRITON_INTERPRET=1. The interpreter multiplies in fp32 (see ``_dot``); the bf16 GEMMs of
+the compiled kernels are checked by tests/gpu."""
+
+import os
+
+import pytest
+import torch
+
+from itpn.layers import attention_impl
+from itpn.layers.attention import Attention, relative_position_index
+from itpn.layers import bias_attention as bias_attention_module
+from itpn.layers.bias_attention import bias_attention, reference
+from itpn.layers.block import Block
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_bias_attention.py"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("n,bias_shape,dtype", [(20, "shared", torch.float32), (49, "shared", torch.bfloat16),
+                                                (20, "per_sample", torch.float32), (16, None, torch.float32),
+                                                (33, None, torch.bfloat16)])
+def test_matches_reference_with_gradients(n, bias_shape, dtype):
+    """Tiles of 16: N = 20, 33 and 49 end in partial query and key tiles; N = 16 in none.
+    A bias shared by the batch is (H, N, N), a per-sample one (B, H, N, N)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, n, 3, 2, 16, dtype=dtype, requires_grad=True)
+    with_bias = bias_shape is not None
+    bias = None
+    if with_bias:
+        bias = torch.randn(*([2] if bias_shape == "per_sample" else []), 2, n, n, requires_grad=True)
+    grad = torch.randn(2, n, 2, 16, dtype=dtype)
+    inputs = (qkv, bias) if with_bias else (qkv,)
+    out = bias_attention(qkv, bias)
+    got = torch.autograd.grad(out, inputs, grad)
+    ref = reference(qkv, bias)
+    want = torch.autograd.grad(ref, inputs, grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.shape == (2, n, 2, 16) and out.dtype == dtype
+    assert _rel(out, ref) < tol
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert _rel(g, w) < tol
+
+
+def test_bias_gradient_is_deterministic_and_skipped_when_frozen():
+    torch.manual_seed(1)
+    qkv = torch.randn(3, 20, 3, 2, 16, requires_grad=True)
+    bias = torch.randn(2, 20, 20, requires_grad=True)
+    grad = torch.randn(3, 20, 2, 16)
+    a = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
+    b = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    frozen = bias.detach()
+    (dq,) = torch.autograd.grad(bias_attention(qkv, frozen), (qkv,), grad)
+    assert torch.equal(dq, a[0])
+
+
+def test_opcheck():
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the op."""
+    torch.manual_seed(2)
+    qkv = torch.randn(2, 20, 3, 2, 16, requires_grad=True)
+    bias = torch.randn(2, 20, 20, requires_grad=True)
+    torch.library.opcheck(torch.ops.itpn.bias_attention.default, (qkv, bias, 0.25))
+    torch.library.opcheck(torch.ops.itpn.bias_attention.default, (qkv, None, 0.25))
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_attention_module_matches_naive_including_the_table_gradient(kept, monkeypatch):
+    """All 25 tokens (one bias for the batch), or 9 kept tokens per sample (pixel MIM's
+    per-sample bias); the kernel must actually run (counted)."""
+    calls = []
+    real = bias_attention_module.bias_attention
+    monkeypatch.setattr(bias_attention_module, "bias_attention", lambda *a: calls.append(1) or real(*a))
+    index = relative_position_index(5)
+    if kept:
+        ids_keep = torch.stack([torch.randperm(25, generator=torch.Generator().manual_seed(i))[:9] for i in range(2)])
+        index = index[ids_keep[:, :, None], ids_keep[:, None, :]]  # (B, 9, 9)
+    grads = {}
+    for impl in ("naive", "triton"):
+        torch.manual_seed(3)
+        attn = Attention(32, 2, rel_pos_grid=5)
+        x = torch.randn(2, index.shape[-1], 32)
+        with attention_impl(impl):
+            y = attn(x, index, (5, 5))
+        y.square().mean().backward()
+        grads[impl] = (y.detach(), attn.relative_position_bias_table.grad, attn.qkv.weight.grad)
+    assert len(calls) == 1
+    for a, b in zip(grads["triton"], grads["naive"]):
+        assert _rel(a, b) < 1e-5
+
+
+def test_compiled_block_treats_the_kernel_as_one_op():
+    """Inside a compiled block the op is opaque (one graph, no break), with eager's values."""
+    torch.manual_seed(4)
+    block = Block(32, 2, rel_pos_grid=5, layer_scale=0.1)
+    x = torch.randn(2, 25, 32, requires_grad=True)
+    idx = relative_position_index(5)
+    with attention_impl("triton"):
+        want = block(x, idx, (5, 5))
+        (gx,) = torch.autograd.grad(want.sum(), x)
+        compiled = torch.compile(Block._forward, backend="aot_eager", fullgraph=True, dynamic=False)
+        got = compiled(block, x, idx, (5, 5))
+        (cx,) = torch.autograd.grad(got.sum(), x)
+    assert _rel(got, want) < 1e-6 and _rel(cx, gx) < 1e-6

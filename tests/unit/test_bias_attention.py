@@ -1,0 +1,56 @@
+"""The fused relative-bias attention (itpn/layers/bias_attention.py) on the CPU: its Triton
+kernels in Triton's interpreter (a subprocess, see bias_attention_interpreted.py), its input
+checks, and the Attention module's fallback where the kernel cannot run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from itpn.layers import attention_impl
+from itpn.layers.attention import Attention, relative_position_index
+from itpn.layers.bias_attention import bias_attention
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kernels_match_reference_in_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(ROOT / "tests" / "unit" / "bias_attention_interpreted.py")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the non-interpreted CPU path")
+def test_inputs_are_checked_by_name():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match=r"qkv must be \(B, N, 3, H, d\).*\(2, 20, 2, 16\)"):
+        bias_attention(torch.randn(2, 20, 2, 16))
+    with pytest.raises(ValueError, match="head dim 24"):
+        bias_attention(torch.randn(2, 20, 3, 2, 24))
+    with pytest.raises(ValueError, match=r"bias must be a contiguous float32 \(2, 20, 20\).*\(2, 20, 19\)"):
+        bias_attention(torch.randn(2, 20, 3, 2, 16), torch.randn(2, 20, 19))
+    with pytest.raises(ValueError, match="torch.bfloat16"):
+        bias_attention(torch.randn(2, 20, 3, 2, 16), torch.randn(2, 20, 20).bfloat16())
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors.*TRITON_INTERPRET=1"):
+        bias_attention(torch.randn(2, 20, 3, 2, 16), torch.randn(2, 20, 20))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the non-interpreted CPU path")
+def test_attention_falls_back_to_sdpa_where_the_kernel_cannot_run():
+    """CPU tensors outside the interpreter: the "triton" setting computes what "sdpa" does."""
+    torch.manual_seed(0)
+    attn = Attention(32, 2, rel_pos_grid=5)
+    x = torch.randn(2, 25, 32)
+    idx = relative_position_index(5)
+    outs = []
+    for impl in ("sdpa", "triton"):
+        with attention_impl(impl):
+            outs.append(attn(x, idx, (5, 5)))
+    assert torch.equal(outs[0], outs[1])
