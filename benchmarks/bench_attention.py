@@ -3,7 +3,9 @@ of SDPA with the bias as stored, SDPA with an 8-aligned row stride (memory-effic
 FlexAttention with a score_mod reading the bias, SDPA without bias (flash, the floor), and
 the naive fp32 softmax; and, to locate the cost of the bias, SDPA with a bias that needs no
 gradient (the backward's (B, H, N, N) bias-gradient write and its batch reduction drop out)
-and SDPA restricted to cuDNN's attention backend (reports why if cuDNN refuses the bias).
+and SDPA restricted to cuDNN's attention backend (reports why if cuDNN refuses the bias); and
+our Triton kernel (itpn/layers/bias_attention.py) on the packed (B, N, 3, H, d) qkv with an
+fp32 (H, N, N) bias, its first call autotuned before timing.
 B=128, H=12, N=196, d=64 by default (iTPN-L stage 3)."""
 
 import argparse
@@ -66,6 +68,13 @@ def main():
         ("SDPA, no bias (flash floor)", run(lambda: F.scaled_dot_product_attention(q, k, v))),
         ("naive fp32 softmax", run(naive)),
     ]
+    from itpn.layers.bias_attention import bias_attention
+    qkv = torch.randn(B, N, 3, H, d, device=dev, dtype=dt, requires_grad=True)
+    bias32 = bias.detach()[0].float().contiguous().requires_grad_()
+    grad_bnhd = grad.transpose(1, 2).contiguous()  # (B, N, H, d), the kernel's output layout
+    rows.append(("bias_attention (ours, Triton), fp32 bias", lambda: bias_attention(qkv, bias32).backward(grad_bnhd)))
+    rows.append(("bias_attention (ours, Triton), bias without gradient",
+                 lambda: bias_attention(qkv, bias32.detach()).backward(grad_bnhd)))
     try:
         from torch.nn.attention.flex_attention import flex_attention
         flex = torch.compile(flex_attention)

@@ -3,8 +3,9 @@
 # on one H100 (run them in this order when GPU time is short):
 #
 #   benchmarks/gpu_suite.sh first     for a short lease (one call): iTPN-L + CLIP-L/14@196
-#                                     compiled with and without the layer-scale fold (kernel
-#                                     profile of the fold row), fold vs fold + FP8 linears,
+#                                     compiled with and without the layer-scale fold, and with
+#                                     our Triton attention (kernel profile of that row), the
+#                                     attention microbenchmark, fold vs fold + FP8 linears,
 #                                     the same step inside DeepSpeed ZeRO-1 with its host-sync
 #                                     count, then the GPU tests
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
@@ -35,12 +36,14 @@ if [ -d .whl ] && [ ! -d /tmp/site/deepspeed ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks/*.py import itpn from this checkout
 export PYTHONUNBUFFERED=1
 bench() { echo "+ itpn-bench $*"; "$PY" -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
 
 case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
   first)  # the headline numbers first: a run cut off by the time limit keeps the calls that finished
-    bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold --profile "$OUT/profile_clip_l_fold.txt"
+    bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold triton --profile "$OUT/profile_clip_l_triton.txt"
+    "$PY" benchmarks/bench_attention.py
     bench --recipe clip_l --batch 128 --steps 10 --ladder fold fp8 --profile "$OUT/profile_clip_l_fp8.txt"
     bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
     "$PY" -m pytest -q tests/gpu 2>&1 | tail -15 ;;
@@ -71,9 +74,10 @@ make_images('$data/images', 5120)"
     bench --recipe clip_b --batch 256 --steps 20 --ladder fold --data "$data/train" --workers "${WORKERS:-12}" ;;
   clip_b)
     bench --recipe clip_b --batch 256 --steps 10
+    bench --recipe clip_b --batch 256 --steps 10 --ladder triton
     bench --recipe clip_b --batch 256 --steps 10 --ladder compile_model ;;
   pixel_l)
-    bench --recipe pixel_l --batch 256 --steps 8 --ladder fused compile compile_model ;;
+    bench --recipe pixel_l --batch 256 --steps 8 --ladder fused compile fold triton compile_model ;;
   infer)
     bench --infer --batch 256 --steps 10 ;;
   autotune)

@@ -19,6 +19,9 @@ settings so that every speed-up is a ratio measured in the same run:
              templates with fused epilogues, autotuned; minutes of compilation); not default
     flex     + attention through FlexAttention (the (1, H, N, N) fp32 bias read in the
              kernel's score modifier, its gradient accumulated in the kernel); not default
+    triton   + attention through our Triton kernel (bias_attention.py: q, k, v read inside
+             qkv, their gradients written in its layout, the bias gradient summed over the
+             batch without atomics); not default until measured on a GPU
     flex_autotune  flex with both FlexAttention kernels (forward and backward block sizes)
              and the GEMMs autotuned (max-autotune-no-cudagraphs); not default
     fp8      fold + FP8 matmuls (tensorwise scales) in the transformer blocks' linears;
@@ -87,6 +90,7 @@ LADDER = {
     # trainer, deepspeed.fp8), hence not in the default ladder. MFU stays against bf16 peak.
     "fp8": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True, fp8=True),
     "flex": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True),
+    "triton": dict(attn="triton", dtype="bf16", fused=True, compile="blocks", fold=True),
     "flex_autotune": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True,
                           compile_options={"mode": "max-autotune-no-cudagraphs"}),
     "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model", fold=True),
@@ -364,8 +368,10 @@ def count_host_syncs(step, device) -> dict:
 #: Inductor names its kernels after the ATen ops it fused (triton_red_fused__to_copy_div_mul_sum:
 #: a reduction over a cast, a division and products), which says where a kernel comes from.
 KERNEL_CATEGORIES = (
-    ("attention backward", r"fmha_cutlassB|fmha\w*bwd|flash\w*bwd|attention_backward|flex_attention_backward"),
-    ("attention forward", r"fmha_cutlassF|fmha\w*fwd|flash\w*fwd|attention_forward|flex_attention|scaled_dot_product|_attention"),
+    ("attention backward", r"fmha_cutlassB|fmha\w*bwd|flash\w*bwd|attention_backward|flex_attention_backward|"
+                           r"bias_attn_bwd|bias_attn_delta"),
+    ("attention forward", r"fmha_cutlassF|fmha\w*fwd|flash\w*fwd|attention_forward|flex_attention|scaled_dot_product|"
+                          r"_attention|bias_attn_fwd"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("GEMM", r"gemm|nvjet|xmma|cublas|cutlass|addmm|\bmm\b|bmm|matmul|linear|triton_tem_fused_(addmm|mm|bmm)"),
     ("reduction (Triton)", r"triton_red|triton_per"),

@@ -43,6 +43,15 @@ def _check_fp8_device() -> None:
                           "set deepspeed.fp8=false")
 
 
+def _check_attention(impl) -> None:
+    from ..layers import bias_attention
+    if impl not in ("sdpa", "triton", "flex"):
+        raise ConfigError(f"deepspeed.attention must be sdpa, triton or flex, got {impl!r}")
+    if impl == "triton" and not bias_attention.available():
+        raise ConfigError("deepspeed.attention=triton needs Triton, which this torch build lacks "
+                          "(it ships with torch's CUDA builds): set deepspeed.attention=sdpa")
+
+
 def preflight(cfg: dict, world_size: int) -> dict:
     """Validate a merged config for ``world_size`` ranks; returns the DeepSpeed config."""
     if cfg["task"] not in ("pretrain", "finetune", "linprobe", "eval"):
@@ -51,6 +60,7 @@ def preflight(cfg: dict, world_size: int) -> dict:
     ds = deepspeed_config(cfg, world_size)
     if cfg["deepspeed"].get("fp8"):
         _check_fp8_device()
+    _check_attention(cfg["deepspeed"]["attention"])
     if cfg["task"] != "eval":
         _check_shards(cfg["data"]["train"], "data.train")
     if cfg["task"] in ("finetune", "linprobe", "eval") and cfg["data"]["val"]:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..data import build_finetune_loader
 from ..data.mixup import build_criterion, build_mixup
+from ..layers import set_attention_impl
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
@@ -343,6 +344,7 @@ def run_pretrain(cfg: dict) -> TrainState:
     run_dir = cfg["run_dir"]
     setup_logging(rank, run_dir)
     ds_cfg = deepspeed_config(cfg, world)
+    set_attention_impl(cfg["deepspeed"]["attention"])
     prec = precision(ds_cfg)
     dtype = DTYPES[prec]
     if rank == 0:
@@ -519,6 +521,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
     run_dir = cfg["run_dir"]
     setup_logging(rank, run_dir)
     ds_cfg = deepspeed_config(cfg, world)
+    set_attention_impl(cfg["deepspeed"]["attention"])
     if linprobe:
         # timm's LARS is not on DeepSpeed's list of ZeRO-tested optimizers. Under ZeRO-1/2 it
         # would see flat partitions and compute its per-tensor trust ratio over a partition;

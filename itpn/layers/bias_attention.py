@@ -14,8 +14,11 @@ the saved log-sum-exp) with three things specific to our blocks:
 * the output is (B, N, H, d), so the (B, N, C) input of ``proj`` is a view;
 * the bias is a (H, N, N) fp32 tensor for the whole batch (all tokens, CLIP-MFM) or a
   (B, H, N, N) one (each sample's visible tokens, pixel MIM); the gradient of a shared bias
-  is each sample's score gradient summed over the batch, in fp32, in a fixed order
-  (per-sample tiles, then one sum: no atomics, so the result is deterministic).
+  is each sample's score gradient summed over the batch in fp32, inside the dK/dV kernel:
+  each program adds the samples of one group, in order, into its own slice of a (16, H, N, N)
+  buffer, and the 16 partial sums are added at the end. No atomics, so the result is
+  deterministic, and no (B, H, N, N) gradient goes through memory (SDPA's memory-efficient
+  kernel writes one and reduces it).
 
 ``bias_attention(qkv, bias)`` is a custom op (``torch.library``), opaque to ``torch.compile``
 like SDPA's kernels. On CUDA it launches the compiled kernels; on the CPU the same kernel
@@ -38,12 +41,18 @@ except ImportError:  # CPU-only torch builds ship without Triton
 # same decorator makes them run in Triton's interpreter on CPU tensors (the tests do this).
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
-#: Query x key tile sizes and warps of the kernels (CUDA). 64 x 64 fits the (BM, d) and
-#: (BN, d) tiles of d = 64 and the (BM, BN) fp32 scores in registers at 4 warps.
-BLOCK_M = 64
-BLOCK_N = 64
-NUM_WARPS = 4
 _LOG2E = 1.4426950408889634
+#: Tile sizes (BM queries x BN keys), warps and pipeline stages tried by Triton's autotuner on
+#: CUDA, once per sequence length, head dim and variant. Small tiles waste less of a short
+#: sequence (N = 196 pads to 224 with 32-wide tiles, to 256 with 64 or 128); large ones reuse
+#: more of each load. The interpreter uses 16 x 16 (INTERPRETER_BLOCK).
+TILE_CONFIGS = ((32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 32, 8, 3),
+                (32, 64, 4, 3), (128, 64, 8, 2))
+INTERPRETER_BLOCK = 16
+#: Groups of samples whose bias-gradient partial sums the dK/dV kernel keeps apart (a (G, H, N,
+#: N) fp32 buffer, summed at the end): enough programs to fill the GPU (keys tiles x heads x
+#: groups: 4 x 12 x 16 for iTPN-L), few enough partial sums to stay in L2 (29 MB at N = 196).
+BIAS_GROUPS = 16
 
 
 def available() -> bool:
@@ -55,12 +64,13 @@ def _dot(a, b, F32: tl.constexpr):
     # F32: fp32 operands, for Triton's interpreter, whose dot of bf16 operands is wrong (numpy has
     # no bf16); the operands are rounded to their storage type first, as on the GPU.
     if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     return tl.dot(a, b)
 
 
 @_jit
-def _fwd_kernel(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh, s_lb, s_lh,
+def _bias_attn_fwd(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh, s_lb, s_lh,
                 N, H, qk_scale,
                 HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
     # One program: BM queries of one (sample, head); online softmax over key tiles, in log2
@@ -102,7 +112,7 @@ def _fwd_kernel(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_o
 
 
 @_jit
-def _delta_kernel(O, DO, DELTA, s_ob, s_on, s_oh, s_lb, s_lh, N, H, D: tl.constexpr, BM: tl.constexpr):
+def _bias_attn_delta(O, DO, DELTA, s_ob, s_on, s_oh, s_lb, s_lh, N, H, D: tl.constexpr, BM: tl.constexpr):
     # delta = rowsum(dO * O) per query: the softmax backward's correction term.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -118,52 +128,56 @@ def _delta_kernel(O, DO, DELTA, s_ob, s_on, s_oh, s_lb, s_lh, N, H, D: tl.conste
 
 
 @_jit
-def _bwd_dkdv_kernel(QKV, BIAS, DO, LSE, DELTA, DQKV, DBIAS, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq,
-                     s_ob, s_on, s_oh, s_lb, s_lh, s_db, s_dh, s_dq, N, H, qk_scale, sm_scale,
-                     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, D: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
-    # One program: BN keys of one (sample, head); loops over all query tiles. Writes dk and dv,
-    # and (BIAS_GRAD) this sample's score gradient for its key columns.
+def _bias_attn_bwd_dkdv(QKV, BIAS, DO, LSE, DELTA, DQKV, DBIAS, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq,
+                        s_ob, s_on, s_oh, s_lb, s_lh, s_dg, s_dh, s_dq, B, N, H, G, qk_scale, sm_scale,
+                        HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, D: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+    # One program: BN keys of one head, for the samples g, g + G, g + 2G, ... of group g; per
+    # sample it loops over all query tiles and writes dk and dv. With BIAS_GRAD it adds each
+    # sample's score gradient into its group's (H, N, N) slice of DBIAS (zeroed beforehand):
+    # only this program touches that slice, so no atomics, and the slice stays in L2 while
+    # the program's samples add into it.
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)
+    g = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < N
-    base = QKV + b * s_qb + h * s_qh
-    k = tl.load(base + s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(base + 2 * s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BN, D], tl.float32)
-    dv = tl.zeros([BN, D], tl.float32)
-    for start in range(0, N, BM):
-        qm = start + offs_m
-        row_ok = qm < N
-        q = tl.load(base + qm[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * s_ob + h * s_oh + qm[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)
-        lse = tl.load(LSE + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
-        ok = row_ok[:, None] & col_ok[None, :]
-        s = _dot(q, tl.trans(k), F32) * qk_scale  # (BM, BN)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + b * s_bb + h * s_bh + qm[:, None] * s_bq + offs_n[None, :], mask=ok, other=0.0)
-            s += bias * 1.4426950408889634  # log2 e
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, F32)
-        dp = _dot(do, tl.trans(v), F32)
-        ds = p * (dp - delta[:, None])  # gradient of the natural-units score
-        if BIAS_GRAD:
-            tl.store(DBIAS + b * s_db + h * s_dh + qm[:, None] * s_dq + offs_n[None, :], ds, mask=ok)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
-    out = DQKV + b * s_qb + h * s_qh + offs_n[:, None] * s_qn + offs_d[None, :]
-    tl.store(out + s_q3, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(out + 2 * s_q3, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+    for b in range(g, B, G):
+        base = QKV + b * s_qb + h * s_qh
+        k = tl.load(base + s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(base + 2 * s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BN, D], tl.float32)
+        dv = tl.zeros([BN, D], tl.float32)
+        for start in range(0, N, BM):
+            qm = start + offs_m
+            row_ok = qm < N
+            q = tl.load(base + qm[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + b * s_ob + h * s_oh + qm[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None],
+                         other=0.0)
+            lse = tl.load(LSE + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
+            ok = row_ok[:, None] & col_ok[None, :]
+            s = _dot(q, tl.trans(k), F32) * qk_scale  # (BM, BN)
+            if HAS_BIAS:
+                bias = tl.load(BIAS + b * s_bb + h * s_bh + qm[:, None] * s_bq + offs_n[None, :], mask=ok, other=0.0)
+                s += bias * 1.4426950408889634  # log2 e
+            p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, F32)
+            dp = _dot(do, tl.trans(v), F32)
+            ds = p * (dp - delta[:, None])  # gradient of the natural-units score
+            if BIAS_GRAD:
+                ptr = DBIAS + g * s_dg + h * s_dh + qm[:, None] * s_dq + offs_n[None, :]
+                tl.store(ptr, tl.load(ptr, mask=ok, other=0.0) + ds, mask=ok)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, F32)
+        out = DQKV + b * s_qb + h * s_qh + offs_n[:, None] * s_qn + offs_d[None, :]
+        tl.store(out + s_q3, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(out + 2 * s_q3, dv.to(DQKV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @_jit
-def _bwd_dq_kernel(QKV, BIAS, DO, LSE, DELTA, DQKV, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh,
+def _bias_attn_bwd_dq(QKV, BIAS, DO, LSE, DELTA, DQKV, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh,
                    s_lb, s_lh, N, H, qk_scale, sm_scale,
                    HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
     # One program: BM queries of one (sample, head); loops over all key tiles for dq.
@@ -220,7 +234,22 @@ def _kernels(device: torch.device) -> dict:
     if device.type != "cuda" and not _interpreted():
         raise RuntimeError(f"bias_attention runs on CUDA tensors (got {device}); on the CPU only in "
                            "Triton's interpreter, with TRITON_INTERPRET=1 set before Triton is imported")
-    return dict(fwd=_fwd_kernel, delta=_delta_kernel, dkdv=_bwd_dkdv_kernel, dq=_bwd_dq_kernel)
+    if device.type != "cuda":
+        return dict(fwd=_bias_attn_fwd, delta=_bias_attn_delta, dkdv=_bias_attn_bwd_dkdv, dq=_bias_attn_bwd_dq)
+    if not _TUNED:
+        configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in TILE_CONFIGS]
+        # The kernels write their outputs, except the bias gradient, which dkdv adds into a
+        # zeroed buffer: the autotuner zeroes it again before each of its trial launches.
+        _TUNED.update(
+            fwd=triton.autotune(configs, key=["N", "H", "HAS_BIAS", "D"])(_bias_attn_fwd),
+            delta=_bias_attn_delta,
+            dkdv=triton.autotune(configs, key=["N", "H", "G", "HAS_BIAS", "BIAS_GRAD", "D"],
+                                 reset_to_zero=["DBIAS"])(_bias_attn_bwd_dkdv),
+            dq=triton.autotune(configs, key=["N", "H", "HAS_BIAS", "D"])(_bias_attn_bwd_dq))
+    return _TUNED
+
+
+_TUNED: dict = {}
 
 
 def _check(qkv: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -246,11 +275,17 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
     return bias.stride(0), bias.stride(1), bias.stride(2)
 
 
-def _blocks(device: torch.device) -> tuple[int, int, dict]:
+def _launch(device: torch.device) -> tuple[dict, dict]:
+    """The kernels and the tile arguments to pass: none on CUDA (the autotuner picks them),
+    INTERPRETER_BLOCK in the interpreter (small tiles, so that the tests cover several tiles
+    and partial ones) with fp32 dot operands (``_dot``)."""
     if device.type == "cuda":
-        return BLOCK_M, BLOCK_N, {"num_warps": NUM_WARPS}
-    # The interpreter: small tiles, so that the tests cover several of them and partial ones.
-    return 16, 16, {}
+        return _kernels(device), dict(F32=False)
+    return _kernels(device), dict(BM=INTERPRETER_BLOCK, BN=INTERPRETER_BLOCK, F32=True)
+
+
+def _grid(n: int, rows: int, tile: str):
+    return lambda meta: (triton.cdiv(n, meta[tile]), rows)
 
 
 @torch.library.custom_op("itpn::bias_attention", mutates_args=())
@@ -258,15 +293,12 @@ def _bias_attention(qkv: torch.Tensor, bias: torch.Tensor | None, scale: float) 
     B, N, H, d = _check(qkv, bias)
     out = torch.empty(B, N, H, d, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
-    bm, bn, opts = _blocks(qkv.device)
-    f32 = qkv.device.type != "cuda"
-    k = _kernels(qkv.device)
+    k, tiles = _launch(qkv.device)
     b_arg = bias if bias is not None else lse  # any pointer; unread without a bias
-    b_strides = _bias_strides(bias)
-    k["fwd"][(triton.cdiv(N, bm), B * H)](
-        qkv, b_arg, out, lse, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *b_strides,
+    k["fwd"][_grid(N, B * H, "BM")](
+        qkv, b_arg, out, lse, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *_bias_strides(bias),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), N, H, scale * _LOG2E,
-        HAS_BIAS=bias is not None, D=d, BM=bm, BN=bn, F32=f32, **opts)
+        HAS_BIAS=bias is not None, D=d, **tiles)
     return out, lse
 
 
@@ -282,32 +314,30 @@ def _bias_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.
                              bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, H, d = _check(qkv, bias)
     grad = grad.contiguous()
-    bm, bn, opts = _blocks(qkv.device)
-    f32 = qkv.device.type != "cuda"
-    k = _kernels(qkv.device)
+    k, tiles = _launch(qkv.device)
     delta = torch.empty_like(lse)
-    k["delta"][(triton.cdiv(N, bm), B * H)](
+    k["delta"][(triton.cdiv(N, 64), B * H)](
         out, grad, delta, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), N, H,
-        D=d, BM=bm, **opts)
+        D=d, BM=64)
     dqkv = torch.empty(B, N, 3, H, d, dtype=qkv.dtype, device=qkv.device)
     with_bias_grad = bias is not None and bias_grad
-    # Each sample's score gradient; for a bias shared by the batch, summed over it below in fp32.
-    per_sample = torch.empty(B, H, N, N, dtype=torch.float32, device=qkv.device) if with_bias_grad else lse
+    # The gradient of a bias shared by the batch by group of samples, the BIAS_GROUPS groups
+    # summed below in fp32; otherwise (a per-sample bias, or none) one sample per program.
+    groups = min(B, BIAS_GROUPS) if with_bias_grad and bias.ndim == 3 else B
+    dbias = torch.zeros(groups, H, N, N, dtype=torch.float32, device=qkv.device) if with_bias_grad else lse
     b_arg = bias if bias is not None else lse
-    b_strides = _bias_strides(bias)
-    ps_strides = (per_sample.stride(0), per_sample.stride(1), per_sample.stride(2)) if with_bias_grad else (0, 0, 0)
-    common = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *b_strides,
+    db_strides = (dbias.stride(0), dbias.stride(1), dbias.stride(2)) if with_bias_grad else (0, 0, 0)
+    common = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *_bias_strides(bias),
               grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1))
-    k["dkdv"][(triton.cdiv(N, bn), B * H)](
-        qkv, b_arg, grad, lse, delta, dqkv, per_sample, *common, *ps_strides, N, H, scale * _LOG2E, scale,
-        HAS_BIAS=bias is not None, BIAS_GRAD=with_bias_grad, D=d, BM=bm, BN=bn, F32=f32, **opts)
-    k["dq"][(triton.cdiv(N, bm), B * H)](
+    k["dkdv"][lambda meta: (triton.cdiv(N, meta["BN"]), H, groups)](
+        qkv, b_arg, grad, lse, delta, dqkv, dbias, *common, *db_strides, B, N, H, groups, scale * _LOG2E, scale,
+        HAS_BIAS=bias is not None, BIAS_GRAD=with_bias_grad, D=d, **tiles)
+    k["dq"][_grid(N, B * H, "BM")](
         qkv, b_arg, grad, lse, delta, dqkv, *common, N, H, scale * _LOG2E, scale,
-        HAS_BIAS=bias is not None, D=d, BM=bm, BN=bn, F32=f32, **opts)
+        HAS_BIAS=bias is not None, D=d, **tiles)
     if not with_bias_grad:
         return dqkv, lse.new_empty(0)
-    return dqkv, per_sample.sum(0) if bias.ndim == 3 else per_sample
-    return dqkv, dbias
+    return dqkv, dbias.sum(0) if bias.ndim == 3 else dbias
 
 
 @_bias_attention_backward.register_fake
@@ -358,5 +388,5 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor | None = None, scale: float 
     return (s.softmax(-1) @ v).transpose(1, 2).to(qkv.dtype)
 
 
-__all__ = ["bias_attention", "reference", "available", "usable", "BLOCK_M", "BLOCK_N", "NUM_WARPS"]
+__all__ = ["bias_attention", "reference", "available", "usable", "TILE_CONFIGS"]
 

@@ -108,3 +108,18 @@ def test_compiled_block_treats_the_kernel_as_one_op():
         got = compiled(block, x, idx, (5, 5))
         (cx,) = torch.autograd.grad(got.sum(), x)
     assert _rel(got, want) < 1e-6 and _rel(cx, gx) < 1e-6
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_bias_gradient_summed_by_groups_of_samples(groups, monkeypatch):
+    """Five samples in one or two groups (3 + 2): each dK/dV program adds several samples'
+    score gradients into its group's slice, then the groups are summed."""
+    monkeypatch.setattr(bias_attention_module, "BIAS_GROUPS", groups)
+    torch.manual_seed(5)
+    qkv = torch.randn(5, 20, 3, 2, 16, requires_grad=True)
+    bias = torch.randn(2, 20, 20, requires_grad=True)
+    grad = torch.randn(5, 20, 2, 16)
+    got = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
+    want = torch.autograd.grad(reference(qkv, bias), (qkv, bias), grad)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5

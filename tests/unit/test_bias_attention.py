@@ -54,3 +54,19 @@ def test_attention_falls_back_to_sdpa_where_the_kernel_cannot_run():
         with attention_impl(impl):
             outs.append(attn(x, idx, (5, 5)))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_preflight_checks_the_attention_setting(tmp_path, monkeypatch):
+    from itpn.engine.config import ConfigError, load_config
+    from itpn.engine.preflight import preflight
+    from itpn.layers import bias_attention as module
+    (tmp_path / "manifest.json").write_text("{}")
+    cfg = load_config("demo", [f"data.train={tmp_path}", "deepspeed.attention=fused"])
+    with pytest.raises(ConfigError, match="deepspeed.attention must be sdpa, triton or flex, got 'fused'"):
+        preflight(cfg, 1)
+    cfg["deepspeed"]["attention"] = "triton"
+    if module.available():
+        preflight(cfg, 1)
+    monkeypatch.setattr(module, "triton", None)
+    with pytest.raises(ConfigError, match="deepspeed.attention=triton needs Triton"):
+        preflight(cfg, 1)
