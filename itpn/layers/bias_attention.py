@@ -42,12 +42,16 @@ except ImportError:  # CPU-only torch builds ship without Triton
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 
 _LOG2E = 1.4426950408889634
-#: Tile sizes (BM queries x BN keys), warps and pipeline stages tried by Triton's autotuner on
-#: CUDA, once per sequence length, head dim and variant. Small tiles waste less of a short
-#: sequence (N = 196 pads to 224 with 32-wide tiles, to 256 with 64 or 128); large ones reuse
-#: more of each load. The interpreter uses 16 x 16 (INTERPRETER_BLOCK).
-TILE_CONFIGS = ((32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (128, 32, 8, 3),
-                (32, 64, 4, 3), (128, 64, 8, 2))
+#: (BM queries, BN keys, warps, pipeline stages) per kernel, tried by Triton's autotuner on CUDA
+#: once per sequence length, head count and variant. Small tiles waste less of a short sequence
+#: (N = 196 pads to 224 with 32-wide tiles, to 256 with 64 or 128), large ones reuse more of
+#: each load. Each list holds configs that ptxas compiles for sm90 with d = 64 without
+#: spilling registers, or nearly (<= 12 bytes; `python benchmarks/kernel_resources.py`
+#: prints registers, spills and shared memory of every config, no GPU needed). The
+#: interpreter uses INTERPRETER_BLOCK x INTERPRETER_BLOCK.
+FWD_CONFIGS = ((32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 3), (64, 128, 8, 2))
+DKDV_CONFIGS = ((32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3))
+DQ_CONFIGS = ((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3))
 INTERPRETER_BLOCK = 16
 #: Groups of samples whose bias-gradient partial sums the dK/dV kernel keeps apart (a (G, H, N,
 #: N) fp32 buffer, summed at the end): enough programs to fill the GPU (keys tiles x heads x
@@ -237,15 +241,16 @@ def _kernels(device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(fwd=_bias_attn_fwd, delta=_bias_attn_delta, dkdv=_bias_attn_bwd_dkdv, dq=_bias_attn_bwd_dq)
     if not _TUNED:
-        configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in TILE_CONFIGS]
+        def configs(tiles):
+            return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
         # The kernels write their outputs, except the bias gradient, which dkdv adds into a
         # zeroed buffer: the autotuner zeroes it again before each of its trial launches.
         _TUNED.update(
-            fwd=triton.autotune(configs, key=["N", "H", "HAS_BIAS", "D"])(_bias_attn_fwd),
+            fwd=triton.autotune(configs(FWD_CONFIGS), key=["N", "H", "HAS_BIAS", "D"])(_bias_attn_fwd),
             delta=_bias_attn_delta,
-            dkdv=triton.autotune(configs, key=["N", "H", "G", "HAS_BIAS", "BIAS_GRAD", "D"],
+            dkdv=triton.autotune(configs(DKDV_CONFIGS), key=["N", "H", "G", "HAS_BIAS", "BIAS_GRAD", "D"],
                                  reset_to_zero=["DBIAS"])(_bias_attn_bwd_dkdv),
-            dq=triton.autotune(configs, key=["N", "H", "HAS_BIAS", "D"])(_bias_attn_bwd_dq))
+            dq=triton.autotune(configs(DQ_CONFIGS), key=["N", "H", "HAS_BIAS", "D"])(_bias_attn_bwd_dq))
     return _TUNED
 
 
@@ -388,5 +393,5 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor | None = None, scale: float 
     return (s.softmax(-1) @ v).transpose(1, 2).to(qkv.dtype)
 
 
-__all__ = ["bias_attention", "reference", "available", "usable", "TILE_CONFIGS"]
+__all__ = ["bias_attention", "reference", "available", "usable", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS"]
 
