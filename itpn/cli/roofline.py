@@ -26,7 +26,13 @@ is an opaque op there, so its math-path scores are not counted, with its output 
 in the layout CUDA's kernel gives them), and inductor's CPU fusion decisions stand in for its
 GPU ones.
 
+``--attention triton`` counts attention as our kernel (``itpn/layers/bias_attention.py``) runs
+it: one op reading q, k, v inside qkv and the (H, N, N) fp32 bias, writing (B, N, H, d) and
+the log-sum-exp; its backward writes the (B, N, 3, H, d) qkv gradient and the bias gradient
+(FLOPs as torch counts SDPA's: 4 B H N^2 d forward, 8 backward).
+
     itpn-roofline --recipe clip_l --batch 128 [--peak 791] [--bandwidth 3.35] [--compiled]
+                  [--attention sdpa|triton]
     (= python benchmarks/roofline.py ...)
 """
 
@@ -48,13 +54,25 @@ from torch.utils.module_tracker import ModuleTracker
 
 from itpn.cli.bench import RECIPES, load_recipe, make_batch
 from itpn.engine.build import apply_block_options, build_objective
-from itpn.layers import Block
+from itpn.layers import Block, attention_impl
+from itpn.layers import bias_attention as bias_attention_module
 from itpn.objectives.clip_teacher import target_width
 
 aten = torch.ops.aten
 GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten.convolution_backward,
          aten._scaled_mm}
 ATTENTION = {aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_efficient_attention_backward}
+
+
+def _packed_attention_flops(qkv: torch.Tensor, backward: bool) -> int:
+    """FLOPs of attention on a (B, N, 3, H, d) qkv, counted as torch counts SDPA's."""
+    b, n, _, h, d = qkv.shape
+    return (8 if backward else 4) * b * h * n * n * d
+
+
+#: Our kernel's two ops -> their FLOPs from the op's arguments.
+PACKED_ATTENTION = {"itpn.bias_attention": lambda args: _packed_attention_flops(args[0], False),
+                    "itpn.bias_attention_backward": lambda args: _packed_attention_flops(args[1], True)}
 
 
 def touched_bytes(t: torch.Tensor) -> int:
@@ -137,10 +155,13 @@ class OpRecorder(TorchDispatchMode):
         flops = 0
         if packet in flop_registry:
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
+        elif str(packet) in PACKED_ATTENTION:
+            flops = PACKED_ATTENTION[str(packet)](args)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         nbytes = sum(touched_bytes(t) for t in inputs) + sum(touched_bytes(t) for t in outputs)
-        kind = "gemm" if packet in GEMMS else "attention" if packet in ATTENTION else "other"
+        kind = ("gemm" if packet in GEMMS else "attention" if packet in ATTENTION or str(packet) in PACKED_ATTENTION
+                else "other")
         backward = self.tracker.is_bw
         if backward:
             node = torch._C._current_autograd_node()
@@ -221,6 +242,72 @@ def _sdpa_as_opaque(query, key, value, attn_mask=None, dropout_p=0.0, **kw):
     return _opaque_attention(query, key, value, attn_mask, dropout_p)
 
 
+@torch.library.custom_op("itpn_roofline::packed_attention", mutates_args=())
+def _opaque_packed(qkv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # (B, N, 3, H, d) -> (B, N, H, d), as bias_attention; CPU kernels for inductor's byte count
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return _SDPA(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)).transpose(1, 2).contiguous()
+
+
+@_opaque_packed.register_fake
+def _(qkv, bias):
+    b, n, _, h, d = qkv.shape
+    return qkv.new_empty(b, n, h, d)
+
+
+@torch.library.custom_op("itpn_roofline::packed_attention_backward", mutates_args=())
+def _opaque_packed_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    full = None if bias is None else bias.expand(q.shape[0], *bias.shape[-3:]) if bias.ndim == 3 else bias
+    grads = _opaque_attention_backward(grad.transpose(1, 2), q, k, v, full)
+    dqkv = torch.stack([g.transpose(1, 2) for g in grads[:3]], dim=2)  # (B, N, 3, H, d)
+    if bias is None:
+        return [dqkv]
+    dbias = grads[3].float()
+    return [dqkv, dbias.sum(0) if bias.ndim == 3 else dbias]
+
+
+@_opaque_packed_backward.register_fake
+def _(grad, qkv, bias):
+    return [torch.empty_like(qkv)] + ([] if bias is None else [torch.empty_like(bias)])
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, bias = inputs
+    ctx.save_for_backward(qkv, bias)
+    ctx.has_bias = bias is not None
+
+
+def _packed_grad(ctx, grad):
+    qkv, bias = ctx.saved_tensors
+    grads = _opaque_packed_backward(grad, qkv, bias if ctx.has_bias else None)
+    return grads[0], grads[1] if ctx.has_bias else None
+
+
+_opaque_packed.register_autograd(_packed_grad, setup_context=_packed_setup)
+
+
+@contextlib.contextmanager
+def triton_attention(stand_in=None):
+    """The Attention modules take the "triton" path on any device; with ``stand_in`` (a CPU
+    stand-in for inductor's byte count) it replaces the kernel's op."""
+    saved = bias_attention_module.usable, bias_attention_module.bias_attention
+    bias_attention_module.usable = lambda qkv: True
+    if stand_in is not None:
+        bias_attention_module.bias_attention = stand_in
+    try:
+        with attention_impl("triton"):
+            yield
+    finally:
+        bias_attention_module.usable, bias_attention_module.bias_attention = saved
+
+
+def _attention_context(attention: str, compiled: bool):
+    if attention == "triton":
+        return triton_attention(_opaque_packed if compiled else None)
+    return _sdpa_replaced(_sdpa_as_opaque) if compiled else efficient_attention()
+
+
 def _signature(block: Block, args: tuple) -> tuple:
     params = tuple((n, tuple(p.shape)) for n, p in block.named_parameters())
     shapes = tuple(None if a is None else tuple(a.shape[1:]) if isinstance(a, torch.Tensor) and i == 0
@@ -228,9 +315,10 @@ def _signature(block: Block, args: tuple) -> tuple:
     return params, shapes, block.drop_path.enabled
 
 
-def compiled_block_bytes(calls: dict) -> dict:
+def compiled_block_bytes(calls: dict, attention: str = "sdpa") -> dict:
     """Per block signature: non-extern bytes per image of the compiled block's forward +
-    backward, from inductor's own count. ``calls``: signature -> (meta block, args)."""
+    backward, from inductor's own count. ``calls``: signature -> (meta block, args);
+    ``attention``: "sdpa" (SDPA's memory-efficient kernel) or "triton" (bias_attention)."""
     import torch._inductor.config as inductor_config
     import torch._inductor.metrics as metrics
     from torch._inductor.scheduler import ExternKernelSchedulerNode
@@ -242,7 +330,7 @@ def compiled_block_bytes(calls: dict) -> dict:
     log.propagate, log.handlers = False, [logging.NullHandler()]
     out = {}
     try:
-        with _sdpa_replaced(_sdpa_as_opaque), inductor_config.patch(fx_graph_cache=False):
+        with _attention_context(attention, compiled=True), inductor_config.patch(fx_graph_cache=False):
             for sig, (meta_block, args) in calls.items():
                 block = copy.deepcopy(meta_block).to_empty(device="cpu").to(torch.bfloat16)
                 with torch.no_grad():
@@ -278,7 +366,7 @@ def group_of(module: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "encoder" and len(parts) > 1 else parts[0]
 
 
-def record_step(recipe: str, batch: int) -> tuple[list, dict]:
+def record_step(recipe: str, batch: int, attention: str = "sdpa") -> tuple[list, dict]:
     """Rows (module, phase, kind, op, FLOPs, bytes) of one forward + backward at ``batch``,
     and the parameter count, the root's class name and every Block call (name, block, args)."""
     cfg = load_recipe(recipe)
@@ -301,7 +389,7 @@ def record_step(recipe: str, batch: int) -> tuple[list, dict]:
         block_calls.append((names[block], block, (tuple(args) + tuple(kwargs.values()) + (None, None))[:3]))
     hooks = [m.register_forward_pre_hook(record_call, with_kwargs=True)
              for m in model.modules() if isinstance(m, Block)]
-    with efficient_attention(), tracker, NodeTagger(tracker), recorder:
+    with _attention_context(attention, compiled=False), tracker, NodeTagger(tracker), recorder:
         model(x.to(torch.bfloat16), mask, **kwargs)["loss"].backward()
     for h in hooks:
         h.remove()
@@ -343,9 +431,11 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=8, help="also list the N ops with the largest non-GEMM bound")
     p.add_argument("--compiled", action="store_true",
                    help="count each block's non-GEMM bytes as inductor's compiled kernels move them")
+    p.add_argument("--attention", choices=["sdpa", "triton"], default="sdpa",
+                   help="attention as SDPA's memory-efficient kernel or as our Triton kernel (bias_attention)")
     args = p.parse_args(argv)
     peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12
-    rows, info = record_step(args.recipe, args.batch)
+    rows, info = record_step(args.recipe, args.batch, args.attention)
     compiled = None
     if args.compiled:
         calls, names = {}, defaultdict(list)  # signature -> (first block, its args); -> qualified names
@@ -353,7 +443,7 @@ def main(argv=None) -> None:
             sig = _signature(block, block_args)
             calls.setdefault(sig, (block, block_args))
             names[sig].append(f"{info['root']}.{name}")
-        per_image = compiled_block_bytes(calls)
+        per_image = compiled_block_bytes(calls, args.attention)
         compiled = {name: per_image[sig] * args.batch for sig in calls for name in names[sig]}
         print(f"{len(calls)} block signatures compiled (inductor, CPU) for {len(compiled)} block calls; "
               "non-GEMM MB per image and call, eager (bytes / batch) -> compiled (slope, batch 2 to 4):")
@@ -364,7 +454,7 @@ def main(argv=None) -> None:
                   f"{per_image[sig] / 1e6:8.2f}")
     table = summarise(rows, peak, bandwidth, compiled=compiled)
     print(f"recipe {args.recipe}, batch {args.batch}, bf16 weights and activations, folded layer scale, "
-          f"{'compiled blocks' if compiled else 'eager'}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
+          f"{'compiled blocks' if compiled else 'eager'}, attention {args.attention}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
     print(f"{'part':22s} {'GEMM GFLOP':>11s} {'GEMM ms':>8s} {'attn ms':>8s} {'other GB':>9s} {'other ms':>9s} "
           f"{'total ms':>9s}")
     totals = defaultdict(float)

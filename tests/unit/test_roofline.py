@@ -9,7 +9,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from itpn.cli.bench import load_recipe, make_batch
 from itpn.cli.roofline import (NodeTagger, OpRecorder, _signature, compiled_block_bytes, efficient_attention,
-                               main, record_step, touched_bytes)
+                               main, record_step, touched_bytes, triton_attention)
 from itpn.engine.build import build_objective
 from itpn.layers import Block, attention_impl, relative_position_index
 from itpn.objectives.clip_teacher import target_width
@@ -94,6 +94,28 @@ def test_compiled_block_moves_fewer_bytes_than_its_eager_ops():
     sig = _signature(block, args)
     compiled = compiled_block_bytes({sig: (block, args)})[sig]
     assert 0 < compiled < eager_per_image
+    # Our kernel takes qkv packed and returns its gradient packed: no stack of q, k, v gradients
+    # (one (B, N, 3C) bf16 copy read and written: 2 x 16 x 192 x 2 bytes per image).
+    packed = compiled_block_bytes({sig: (block, args)}, attention="triton")[sig]
+    assert packed <= compiled - 2 * 16 * 192 * 2
+
+
+def test_triton_attention_is_recorded_as_one_op_each_way():
+    with torch.device("meta"):
+        block = Block(64, 2, 4.0, rel_pos_grid=4).to(torch.bfloat16).train()
+    index = relative_position_index(4, device="meta")
+    x = torch.empty(3, 16, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    tracker = ModuleTracker()
+    recorder = OpRecorder(tracker)
+    with triton_attention(), tracker, NodeTagger(tracker), recorder:
+        block(x, index, (4, 4)).sum().backward()
+    attn = [r for r in recorder.rows if r[2] == "attention"]
+    assert [(r[0], r[1], r[3]) for r in attn] == [("Block.attn", "forward", "itpn.bias_attention"),
+                                                  ("Block.attn", "backward", "itpn.bias_attention_backward")]
+    fwd = 4 * 3 * 2 * 16 * 16 * 32  # 4 B H N^2 d
+    assert attn[0][4] == fwd and attn[1][4] == 2 * fwd
+    # forward: reads qkv (bf16) and the (H, N, N) fp32 bias, writes out (bf16) and the lse (fp32)
+    assert attn[0][5] == 3 * 16 * 192 * 2 + 2 * 16 * 16 * 4 + 3 * 16 * 64 * 2 + 3 * 2 * 16 * 4
 
 
 def test_cli_prints_the_table(capsys):
