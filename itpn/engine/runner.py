@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..data import build_finetune_loader
 from ..data.mixup import build_criterion, build_mixup
 from ..layers import set_attention_impl
+from ..layers.attention import triton_fallbacks
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
@@ -339,6 +340,20 @@ def _saved_world_size(path: str) -> int | None:
     return len(files) or None
 
 
+def _report_attention(model: torch.nn.Module, cfg: dict, device, dtype: torch.dtype) -> None:
+    """With deepspeed.attention=triton, say whether every attention module runs our kernel,
+    and name those that fall back to SDPA and why (e.g. CPU tensors, fp32, head dim 24)."""
+    if cfg["deepspeed"]["attention"] != "triton":
+        return
+    fallbacks = triton_fallbacks(model, device, dtype)
+    if fallbacks:
+        more = f" (+{len(fallbacks) - 3} more)" if len(fallbacks) > 3 else ""
+        log.warning("deepspeed.attention=triton: %d attention modules fall back to SDPA: %s%s",
+                    len(fallbacks), "; ".join(fallbacks[:3]), more)
+    else:
+        log.info("deepspeed.attention=triton: every attention module runs bias_attention")
+
+
 def run_pretrain(cfg: dict) -> TrainState:
     rank, world, local_rank, device = init_distributed()
     run_dir = cfg["run_dir"]
@@ -353,6 +368,7 @@ def run_pretrain(cfg: dict) -> TrainState:
     teacher = build_teacher(cfg, dtype, device)
     torch.manual_seed(cfg["seed"])  # identical student initialisation on every rank
     objective = build_objective(cfg, teacher)
+    _report_attention(objective, cfg, device, dtype)
     seed_everything(cfg["seed"] + rank)
     n_ckpt = apply_block_options(objective, cfg["deepspeed"]["checkpoint_every"],
                                  cfg["deepspeed"]["activation_checkpointing"], cfg["deepspeed"]["compile"],
@@ -534,6 +550,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
         write_run_config(cfg, ds_cfg, run_dir)
     torch.manual_seed(cfg["seed"])
     model = build_classifier(cfg)
+    _report_attention(model, cfg, device, dtype)
     if cfg["model"]["init"]:
         load_init_weights(model, cfg["model"]["init"])
     seed_everything(cfg["seed"] + rank)

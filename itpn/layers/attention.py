@@ -93,6 +93,21 @@ def _stride_aligned(bias: torch.Tensor) -> torch.Tensor:
     return F.pad(bias, (0, pad))[..., :n]
 
 
+def triton_fallbacks(model: nn.Module, device, dtype: torch.dtype) -> list[str]:
+    """The Attention modules of ``model`` that the "triton" setting would run on SDPA instead
+    (``bias_attention.unusable_reason``), each with its reason, for tensors of ``dtype`` on
+    ``device``: what the engine warns about when deepspeed.attention=triton."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            reason = bias_attention.unusable_reason(device, dtype, m.head_dim)
+            if reason is None and m.attn_drop:
+                reason = f"attention dropout {m.attn_drop}"
+            if reason is not None:
+                out.append(f"{name or type(m).__name__}: {reason}")
+    return out
+
+
 class Attention(nn.Module):
     """qkv (one Linear, one bias) -> SDPA (scale head_dim^-0.5) -> proj.
 

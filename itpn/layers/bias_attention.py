@@ -221,14 +221,25 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why ``bias_attention`` cannot run for these tensors (None: it can). It needs Triton, a
+    CUDA device in bf16 / fp16 (fp32 operands would run the tensor cores in tf32) or Triton's
+    interpreter (any of the three), and a head dim that is a power of two >= 16 (the tile width)."""
+    device = torch.device(device)
+    if triton is None:
+        return "Triton is not installed"
+    if device.type != "cuda" and not _interpreted():
+        return f"tensors on {device.type}, not CUDA"
+    if dtype not in (torch.bfloat16, torch.float16) and not (_interpreted() and dtype == torch.float32):
+        return f"{dtype} (bf16 or fp16 on CUDA)"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head dim {head_dim} (a power of two >= 16)"
+    return None
+
+
 def usable(qkv: torch.Tensor) -> bool:
-    """Whether ``bias_attention`` can take this (B, N, 3, H, d) qkv: Triton present, a CUDA
-    tensor in bf16 / fp16 (fp32 operands would run the tensor cores in tf32) or the
-    interpreter, d a power of two >= 16 (the tile width)."""
-    d = qkv.shape[-1]
-    dtype_ok = qkv.dtype in (torch.bfloat16, torch.float16) or (_interpreted() and qkv.dtype == torch.float32)
-    return (triton is not None and (qkv.is_cuda or _interpreted()) and dtype_ok and d >= 16 and not d & (d - 1)
-            and qkv.stride(-1) == 1)
+    """Whether ``bias_attention`` can take this (B, N, 3, H, d) qkv (``unusable_reason``)."""
+    return qkv.stride(-1) == 1 and unusable_reason(qkv.device, qkv.dtype, qkv.shape[-1]) is None
 
 
 def _kernels(device: torch.device) -> dict:
@@ -393,5 +404,5 @@ def reference(qkv: torch.Tensor, bias: torch.Tensor | None = None, scale: float 
     return (s.softmax(-1) @ v).transpose(1, 2).to(qkv.dtype)
 
 
-__all__ = ["bias_attention", "reference", "available", "usable", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS"]
+__all__ = ["bias_attention", "reference", "available", "usable", "unusable_reason", "FWD_CONFIGS", "DKDV_CONFIGS", "DQ_CONFIGS"]
 

@@ -229,6 +229,37 @@ def test_torchrun_launch_matches_deepspeed_launcher(tmp_path, demo_data):
     assert sorted(a) == [1, 2, 3] and a == pytest.approx(b, rel=1e-6)
 
 
+def test_trainer_runs_our_attention_kernel(tmp_path, demo_data):
+    """deepspeed.attention=triton through the trainer on 2 ranks (pixel MIM: a per-sample bias
+    over each sample's visible tokens in the student, one bias for all tokens in the EMA
+    teacher), the kernels in Triton's interpreter: every attention module runs it, and the
+    losses and the trained weights are SDPA's to fp32 rounding (updates at the full learning
+    rate: no warm-up). Two steps of 4 images per rank: the interpreter is slow."""
+    import torch
+
+    from itpn.engine.build import build_objective
+
+    pytest.importorskip("triton")
+    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=4", "optim.epochs=0.034",
+            "optim.warmup_epochs=0", *PIXEL]
+    runs = {}
+    for impl in ("sdpa", "triton"):
+        env = _env(TRITON_INTERPRET="1") if impl == "triton" else _env()
+        proc = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "itpn.cli.pretrain",
+                     f"run_dir={tmp_path / impl}", f"deepspeed.attention={impl}", *args], cwd=ROOT, env=env)
+        runs[impl] = _losses(tmp_path / impl)
+    assert "every attention module runs bias_attention" in proc.stdout + proc.stderr
+    assert sorted(runs["triton"]) == [1, 2]
+    assert runs["triton"] == pytest.approx(runs["sdpa"], rel=1e-5)
+    saved = {impl: torch.load(tmp_path / impl / "weights" / "model.pt", weights_only=False) for impl in runs}
+    torch.manual_seed(saved["sdpa"]["config"]["seed"])  # the runner's initialisation
+    init = build_objective(saved["sdpa"]["config"]).state_dict()
+    for key in ("encoder.blocks.0.attn.relative_position_bias_table", "encoder.blocks.3.attn.qkv.weight"):
+        a, b, w0 = saved["triton"]["model"][key], saved["sdpa"]["model"][key], init[key]
+        assert (b - w0).norm() > 0, key  # trained
+        assert (a - b).norm() < 1e-3 * (b - w0).norm(), key
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=1", "unknown key 'optim.lrr'"),
     ("optim.total_batch=100", "not a multiple"),
