@@ -123,3 +123,19 @@ def test_bias_gradient_summed_by_groups_of_samples(groups, monkeypatch):
     want = torch.autograd.grad(reference(qkv, bias), (qkv, bias), grad)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
+
+
+def test_checkpointed_block_replays_the_kernel():
+    """Activation checkpointing recomputes the block's forward, our op included, in the backward."""
+    torch.manual_seed(6)
+    block = Block(32, 2, rel_pos_grid=5, layer_scale=0.1)
+    idx = relative_position_index(5)
+    x = torch.randn(2, 25, 32, requires_grad=True)
+    grads = []
+    with attention_impl("triton"):
+        for ckpt in (False, True):
+            block.grad_checkpointing = ckpt
+            block.zero_grad(set_to_none=True)
+            (gx,) = torch.autograd.grad(block(x, idx, (5, 5)).square().sum(), x)
+            grads.append(gx)
+    assert torch.equal(grads[0], grads[1])

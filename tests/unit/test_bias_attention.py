@@ -90,3 +90,18 @@ def test_kernels_compile_for_the_h100_without_spilling(kernel):
     assert report["registers"] <= 255
     assert report["spill_bytes"] <= 16, report
     assert 0 < report["shared_bytes"] <= 227 * 1024, report
+
+
+def test_triton_fallbacks_name_the_module_and_the_reason():
+    from torch import nn
+
+    from itpn.layers.attention import triton_fallbacks
+    model = nn.ModuleDict(dict(a=Attention(64, 2), b=Attention(48, 2)))  # head dims 32 and 24
+    on_cpu = triton_fallbacks(model, "cpu", torch.bfloat16)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert on_cpu == ["a: tensors on cpu, not CUDA", "b: tensors on cpu, not CUDA"]
+    from itpn.layers import bias_attention as module
+    reasons = [module.unusable_reason("cuda", torch.float32, 32), module.unusable_reason("cuda", torch.bfloat16, 24),
+               module.unusable_reason("cuda", torch.bfloat16, 64)]
+    if module.available() and os.environ.get("TRITON_INTERPRET") != "1":
+        assert reasons == ["torch.float32 (bf16 or fp16 on CUDA)", "head dim 24 (a power of two >= 16)", None]
