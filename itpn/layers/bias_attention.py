@@ -1,5 +1,5 @@
-"""Fused attention with a trainable additive bias shared over the batch, in Triton: the
-relative position bias of HiViT's stage-3 blocks (iTPN paper, section 3.2; reference doc,
+"""Fused attention with a trainable additive bias (one for the batch, or one per sample), in
+Triton: the relative position bias of HiViT's stage-3 blocks (iTPN paper, section 3.2; reference doc,
 sections 1 and 5) at the short sequences it meets (N = 196 at 224 px).
 
 Why a kernel of our own: SDPA cannot take a bias on its flash path, and its
@@ -54,8 +54,9 @@ DKDV_CONFIGS = ((32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2), (64, 32, 8, 2), 
 DQ_CONFIGS = ((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3))
 INTERPRETER_BLOCK = 16
 #: Groups of samples whose bias-gradient partial sums the dK/dV kernel keeps apart (a (G, H, N,
-#: N) fp32 buffer, summed at the end): enough programs to fill the GPU (keys tiles x heads x
-#: groups: 4 x 12 x 16 for iTPN-L), few enough partial sums to stay in L2 (29 MB at N = 196).
+#: N) fp32 buffer, summed at the end): enough programs to fill the GPU (key tiles x heads x
+#: groups: 7 x 12 x 16 for iTPN-L with 32-wide tiles), few enough partial sums to stay in L2
+#: (29 MB at N = 196).
 BIAS_GROUPS = 16
 
 
@@ -75,8 +76,8 @@ def _dot(a, b, F32: tl.constexpr):
 
 @_jit
 def _bias_attn_fwd(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh, s_lb, s_lh,
-                N, H, qk_scale,
-                HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+                   N, H, qk_scale,
+                   HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
     # One program: BM queries of one (sample, head); online softmax over key tiles, in log2
     # units (scores times log2 e) so that exp2 does the exponentials.
     pid_m = tl.program_id(0)
@@ -90,7 +91,7 @@ def _bias_attn_fwd(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, 
     base = QKV + b * s_qb + h * s_qh
     q = tl.load(base + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.full([BM], 0.0, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     for start in range(0, N, BN):
         kn = start + offs_n
@@ -182,8 +183,8 @@ def _bias_attn_bwd_dkdv(QKV, BIAS, DO, LSE, DELTA, DQKV, DBIAS, s_qb, s_qn, s_q3
 
 @_jit
 def _bias_attn_bwd_dq(QKV, BIAS, DO, LSE, DELTA, DQKV, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh,
-                   s_lb, s_lh, N, H, qk_scale, sm_scale,
-                   HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
+                      s_lb, s_lh, N, H, qk_scale, sm_scale,
+                      HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
     # One program: BM queries of one (sample, head); loops over all key tiles for dq.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
