@@ -50,7 +50,7 @@ _LOG2E = 1.4426950408889634
 #: prints registers, spills and shared memory of every config, no GPU needed). The
 #: interpreter uses INTERPRETER_BLOCK x INTERPRETER_BLOCK.
 FWD_CONFIGS = ((32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 3), (64, 128, 8, 2))
-DKDV_CONFIGS = ((32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3))
+DKDV_CONFIGS = ((32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3))
 DQ_CONFIGS = ((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3))
 INTERPRETER_BLOCK = 16
 #: Groups of samples whose bias-gradient partial sums the dK/dV kernel keeps apart (a (G, H, N,
@@ -75,19 +75,50 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @_jit
+def _query_tile(N, H, BM: tl.constexpr):
+    # A program over (query tile, sample x head): its sample, head, query rows and their mask.
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    return bh // H, bh % H, offs_m, offs_m < N
+
+
+@_jit
+def _load_kv(base, s_q3, s_qn, rows, rows_ok, offs_d):
+    # The (rows, d) key and value tiles of one (sample, head), read inside qkv.
+    ptrs = base + rows[:, None] * s_qn + offs_d[None, :]
+    k = tl.load(ptrs + s_q3, mask=rows_ok[:, None], other=0.0)
+    v = tl.load(ptrs + 2 * s_q3, mask=rows_ok[:, None], other=0.0)
+    return k, v
+
+
+@_jit
+def _load_queries(base, do_base, row_base, s_qn, s_on, rows, rows_ok, offs_d, LSE, DELTA):
+    # For the backward: the (rows, d) query and output-gradient tiles, and the rows' log-sum-exp
+    # and delta, of one (sample, head).
+    q = tl.load(base + rows[:, None] * s_qn + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+    do = tl.load(do_base + rows[:, None] * s_on + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+    lse = tl.load(LSE + row_base + rows, mask=rows_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + rows, mask=rows_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@_jit
+def _scores(q, k, bias_ptrs, ok, qk_scale, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+    # (q k^T * scale + bias) in log2 units (times log2 e), so that exp2 does the exponentials.
+    s = _dot(q, tl.trans(k), F32) * qk_scale
+    if HAS_BIAS:
+        s += tl.load(bias_ptrs, mask=ok, other=0.0) * 1.4426950408889634
+    return s
+
+
+@_jit
 def _bias_attn_fwd(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, s_ob, s_on, s_oh, s_lb, s_lh,
                    N, H, qk_scale,
                    HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
-    # One program: BM queries of one (sample, head); online softmax over key tiles, in log2
-    # units (scores times log2 e) so that exp2 does the exponentials.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    # One program: BM queries of one (sample, head); online softmax over key tiles.
+    b, h, offs_m, row_ok = _query_tile(N, H, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < N
     base = QKV + b * s_qb + h * s_qh
     q = tl.load(base + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -96,13 +127,9 @@ def _bias_attn_fwd(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, 
     for start in range(0, N, BN):
         kn = start + offs_n
         col_ok = kn < N
-        k = tl.load(base + s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(base + 2 * s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), F32) * qk_scale  # (BM, BN)
-        if HAS_BIAS:
-            bias = tl.load(BIAS + b * s_bb + h * s_bh + offs_m[:, None] * s_bq + kn[None, :],
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias * 1.4426950408889634  # log2 e
+        k, v = _load_kv(base, s_q3, s_qn, kn, col_ok, offs_d)
+        s = _scores(q, k, BIAS + b * s_bb + h * s_bh + offs_m[:, None] * s_bq + kn[None, :],
+                    row_ok[:, None] & col_ok[None, :], qk_scale, HAS_BIAS, F32)  # (BM, BN)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -119,13 +146,8 @@ def _bias_attn_fwd(QKV, BIAS, O, LSE, s_qb, s_qn, s_q3, s_qh, s_bb, s_bh, s_bq, 
 @_jit
 def _bias_attn_delta(O, DO, DELTA, s_ob, s_on, s_oh, s_lb, s_lh, N, H, D: tl.constexpr, BM: tl.constexpr):
     # delta = rowsum(dO * O) per query: the softmax backward's correction term.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    b, h, offs_m, row_ok = _query_tile(N, H, BM)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < N
     ptr = b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :]
     o = tl.load(O + ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -151,23 +173,17 @@ def _bias_attn_bwd_dkdv(QKV, BIAS, DO, LSE, DELTA, DQKV, DBIAS, s_qb, s_qn, s_q3
     col_ok = offs_n < N
     for b in range(g, B, G):
         base = QKV + b * s_qb + h * s_qh
-        k = tl.load(base + s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(base + 2 * s_q3 + offs_n[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k, v = _load_kv(base, s_q3, s_qn, offs_n, col_ok, offs_d)
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         for start in range(0, N, BM):
             qm = start + offs_m
             row_ok = qm < N
-            q = tl.load(base + qm[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b * s_ob + h * s_oh + qm[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None],
-                         other=0.0)
-            lse = tl.load(LSE + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + b * s_lb + h * s_lh + qm, mask=row_ok, other=0.0)
+            q, do, lse, delta = _load_queries(base, DO + b * s_ob + h * s_oh, b * s_lb + h * s_lh, s_qn, s_on,
+                                              qm, row_ok, offs_d, LSE, DELTA)
             ok = row_ok[:, None] & col_ok[None, :]
-            s = _dot(q, tl.trans(k), F32) * qk_scale  # (BM, BN)
-            if HAS_BIAS:
-                bias = tl.load(BIAS + b * s_bb + h * s_bh + qm[:, None] * s_bq + offs_n[None, :], mask=ok, other=0.0)
-                s += bias * 1.4426950408889634  # log2 e
+            s = _scores(q, k, BIAS + b * s_bb + h * s_bh + qm[:, None] * s_bq + offs_n[None, :], ok, qk_scale,
+                        HAS_BIAS, F32)  # (BM, BN)
             p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, F32)
             dp = _dot(do, tl.trans(v), F32)
@@ -186,31 +202,20 @@ def _bias_attn_bwd_dq(QKV, BIAS, DO, LSE, DELTA, DQKV, s_qb, s_qn, s_q3, s_qh, s
                       s_lb, s_lh, N, H, qk_scale, sm_scale,
                       HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr):
     # One program: BM queries of one (sample, head); loops over all key tiles for dq.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    b, h, offs_m, row_ok = _query_tile(N, H, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < N
     base = QKV + b * s_qb + h * s_qh
-    q = tl.load(base + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
-    lse = tl.load(LSE + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + b * s_lb + h * s_lh + offs_m, mask=row_ok, other=0.0)
+    q, do, lse, delta = _load_queries(base, DO + b * s_ob + h * s_oh, b * s_lb + h * s_lh, s_qn, s_on, offs_m, row_ok,
+                                      offs_d, LSE, DELTA)
     dq = tl.zeros([BM, D], tl.float32)
     for start in range(0, N, BN):
         kn = start + offs_n
         col_ok = kn < N
         ok = row_ok[:, None] & col_ok[None, :]
-        k = tl.load(base + s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(base + 2 * s_q3 + kn[:, None] * s_qn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), F32) * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(BIAS + b * s_bb + h * s_bh + offs_m[:, None] * s_bq + kn[None, :], mask=ok, other=0.0)
-            s += bias * 1.4426950408889634  # log2 e
+        k, v = _load_kv(base, s_q3, s_qn, kn, col_ok, offs_d)
+        s = _scores(q, k, BIAS + b * s_bb + h * s_bh + offs_m[:, None] * s_bq + kn[None, :], ok, qk_scale,
+                    HAS_BIAS, F32)
         p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (_dot(do, tl.trans(v), F32) - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, F32)

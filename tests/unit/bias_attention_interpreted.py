@@ -22,6 +22,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _random(b, n, dtype=torch.float32, bias_shape=(2,)):
+    """qkv (b, n, 3, 2, 16), a bias of (*bias_shape, n, n) (None for None) and an output gradient."""
+    qkv = torch.randn(b, n, 3, 2, 16, dtype=dtype, requires_grad=True)
+    bias = None if bias_shape is None else torch.randn(*bias_shape, n, n, requires_grad=True)
+    return qkv, bias, torch.randn(b, n, 2, 16, dtype=dtype)
+
+
 @pytest.mark.parametrize("n,bias_shape,dtype", [(20, "shared", torch.float32), (49, "shared", torch.bfloat16),
                                                 (20, "per_sample", torch.float32), (16, None, torch.float32),
                                                 (33, None, torch.bfloat16)])
@@ -29,12 +36,8 @@ def test_matches_reference_with_gradients(n, bias_shape, dtype):
     """Tiles of 16: N = 20, 33 and 49 end in partial query and key tiles; N = 16 in none.
     A bias shared by the batch is (H, N, N), a per-sample one (B, H, N, N)."""
     torch.manual_seed(0)
-    qkv = torch.randn(2, n, 3, 2, 16, dtype=dtype, requires_grad=True)
     with_bias = bias_shape is not None
-    bias = None
-    if with_bias:
-        bias = torch.randn(*([2] if bias_shape == "per_sample" else []), 2, n, n, requires_grad=True)
-    grad = torch.randn(2, n, 2, 16, dtype=dtype)
+    qkv, bias, grad = _random(2, n, dtype, None if not with_bias else (2, 2) if bias_shape == "per_sample" else (2,))
     inputs = (qkv, bias) if with_bias else (qkv,)
     out = bias_attention(qkv, bias)
     got = torch.autograd.grad(out, inputs, grad)
@@ -50,9 +53,7 @@ def test_matches_reference_with_gradients(n, bias_shape, dtype):
 
 def test_bias_gradient_is_deterministic_and_skipped_when_frozen():
     torch.manual_seed(1)
-    qkv = torch.randn(3, 20, 3, 2, 16, requires_grad=True)
-    bias = torch.randn(2, 20, 20, requires_grad=True)
-    grad = torch.randn(3, 20, 2, 16)
+    qkv, bias, grad = _random(3, 20)
     a = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
     b = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -116,9 +117,7 @@ def test_bias_gradient_summed_by_groups_of_samples(groups, monkeypatch):
     score gradients into its group's slice, then the groups are summed."""
     monkeypatch.setattr(bias_attention_module, "BIAS_GROUPS", groups)
     torch.manual_seed(5)
-    qkv = torch.randn(5, 20, 3, 2, 16, requires_grad=True)
-    bias = torch.randn(2, 20, 20, requires_grad=True)
-    grad = torch.randn(5, 20, 2, 16)
+    qkv, bias, grad = _random(5, 20)
     got = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
     want = torch.autograd.grad(reference(qkv, bias), (qkv, bias), grad)
     for g, w in zip(got, want):
