@@ -2,7 +2,8 @@
 (iTPN paper, section 3.2: stage-3 blocks of HiViT; reference doc, sections 1 and 5).
 
 The bias enters ``torch.nn.functional.scaled_dot_product_attention`` as an additive mask,
-so no (B, H, N, N) fp32 score matrix is ever materialised by our code.
+so no (B, H, N, N) fp32 score matrix is ever materialised by our code; the "triton" setting
+runs our own fused kernel instead (bias_attention.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from .linear import ScaledLinear
 
 # "sdpa" (default); "flex": FlexAttention with the relative bias read from the table inside
 # the kernel (GPU, meant for compiled blocks; falls back to SDPA where it cannot apply);
-# "triton": our fused kernel for a bias shared over the batch (bias_attention.py; GPU, bf16 or
-# fp16, falls back to SDPA where it cannot apply); "naive": an explicit fp32 softmax over a
+# "triton": our fused kernel (bias_attention.py: one bias for the batch or one per sample; GPU,
+# bf16 or fp16, falls back to SDPA where it cannot apply); "naive": an explicit fp32 softmax over a
 # materialised score matrix, kept only as the baseline the speed benchmark and the
 # equivalence tests compare against.
 _ATTENTION_IMPL = "sdpa"
