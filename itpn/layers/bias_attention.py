@@ -346,9 +346,11 @@ def _bias_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.
     # The gradient of a bias shared by the batch by group of samples, the BIAS_GROUPS groups
     # summed below in fp32; otherwise (a per-sample bias, or none) one sample per program.
     groups = min(B, BIAS_GROUPS) if with_bias_grad and bias.ndim == 3 else B
-    dbias = torch.zeros(groups, H, N, N, dtype=torch.float32, device=qkv.device) if with_bias_grad else lse
+    # Without a bias gradient DBIAS is a placeholder of its own: the autotuner zeroes whatever
+    # is passed there before its trial launches, so it must not be a live buffer (e.g. lse).
+    dbias = torch.zeros((groups, H, N, N) if with_bias_grad else (1,), dtype=torch.float32, device=qkv.device)
     b_arg = bias if bias is not None else lse
-    db_strides = (dbias.stride(0), dbias.stride(1), dbias.stride(2)) if with_bias_grad else (0, 0, 0)
+    db_strides = dbias.stride()[:3] if with_bias_grad else (0, 0, 0)
     common = (qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *_bias_strides(bias),
               grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1))
     k["dkdv"][lambda meta: (triton.cdiv(N, meta["BN"]), H, groups)](

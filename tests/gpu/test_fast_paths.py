@@ -86,24 +86,28 @@ def test_fused_bias_attention_matches_naive_including_bias_grad(impl, monkeypatc
         assert rel(a, b) < 2e-2
 
 
-@pytest.mark.parametrize("n,per_sample", [(196, False), (49, True), (256, False)])
-def test_bias_attention_kernels_match_fp32_reference(n, per_sample):
+@pytest.mark.parametrize("n,bias_kind", [(196, "shared"), (49, "per_sample"), (256, "shared"), (196, "none"),
+                                         (196, "frozen")])
+def test_bias_attention_kernels_match_fp32_reference(n, bias_kind):
     """The compiled Triton kernels (bf16 tensor-core dots, autotuned tiles) against fp32 torch:
     iTPN-L's 196 tokens with one bias for the batch, pixel MIM's 49 kept tokens with a
-    per-sample bias, and a length that fills every tile."""
+    per-sample bias, a length that fills every tile, no bias, and a bias without gradient
+    (each variant autotunes on its first call, which must leave every input intact)."""
     torch.manual_seed(0)
     B, H, d = 8, 12, 64
     qkv = torch.randn(B, n, 3, H, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    bias = torch.randn(*((B,) if per_sample else ()), H, n, n, device=DEV, requires_grad=True)
+    bias = None if bias_kind == "none" else torch.randn(*((B,) if bias_kind == "per_sample" else ()), H, n, n,
+                                                         device=DEV, requires_grad=bias_kind != "frozen")
     grad = torch.randn(B, n, H, d, device=DEV, dtype=torch.bfloat16)
+    inputs = (qkv, bias) if bias is not None and bias.requires_grad else (qkv,)
     out = bias_attention(qkv, bias)
-    got = torch.autograd.grad(out, (qkv, bias), grad)
+    got = torch.autograd.grad(out, inputs, grad)
     ref = reference(qkv.float(), bias)
-    want = torch.autograd.grad(ref, (qkv, bias), grad.float())
+    want = torch.autograd.grad(ref, inputs, grad.float())
     assert rel(out, ref) < 1e-2
     for g, w in zip(got, want):
         assert rel(g, w) < 2e-2
-    again = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
+    again = torch.autograd.grad(bias_attention(qkv, bias), inputs, grad)
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic: no atomics
 
 

@@ -138,3 +138,33 @@ def test_checkpointed_block_replays_the_kernel():
             (gx,) = torch.autograd.grad(block(x, idx, (5, 5)).square().sum(), x)
             grads.append(gx)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("bias_kind", ["shared", "frozen", "none"])
+def test_dkdv_launch_survives_the_autotuners_reset(bias_kind, monkeypatch):
+    """On CUDA the autotuner zeroes the dK/dV kernel's DBIAS argument before each trial
+    launch (reset_to_zero). Zeroing it before the interpreted launch too must change nothing:
+    DBIAS is never a live buffer, also when no bias gradient is wanted."""
+    real = bias_attention_module._kernels
+
+    class ZeroingLaunch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[6].zero_()  # DBIAS
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(bias_attention_module, "_kernels", lambda device: dict(real(device),
+                                                                               dkdv=ZeroingLaunch(real(device)["dkdv"])))
+    torch.manual_seed(7)
+    qkv, bias, grad = _random(2, 20, bias_shape=None if bias_kind == "none" else (2,))
+    if bias_kind == "frozen":
+        bias = bias.detach()
+    inputs = (qkv, bias) if bias_kind == "shared" else (qkv,)
+    got = torch.autograd.grad(bias_attention(qkv, bias), inputs, grad)
+    want = torch.autograd.grad(reference(qkv, bias), inputs, grad)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5
