@@ -45,8 +45,10 @@ def _check_fp8_device() -> None:
 
 def _check_attention(impl) -> None:
     from ..layers import bias_attention
-    if impl not in ("sdpa", "triton", "flex"):
-        raise ConfigError(f"deepspeed.attention must be sdpa, triton or flex, got {impl!r}")
+    from ..layers.attention import TRAINING_IMPLS
+    if impl not in TRAINING_IMPLS:
+        names = ", ".join(TRAINING_IMPLS[:-1]) + f" or {TRAINING_IMPLS[-1]}"
+        raise ConfigError(f"deepspeed.attention must be {names}, got {impl!r}")
     if impl == "triton" and not bias_attention.available():
         raise ConfigError("deepspeed.attention=triton needs Triton, which this torch build lacks "
                           "(it ships with torch's CUDA builds): set deepspeed.attention=sdpa")

@@ -227,6 +227,11 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _head_dim_ok(d: int) -> bool:
+    """A power of two >= 16: the width of the kernels' (rows, d) tiles."""
+    return d >= 16 and not d & (d - 1)
+
+
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why ``bias_attention`` cannot run for these tensors (None: it can). It needs Triton, a
     CUDA device in bf16 / fp16 (fp32 operands would run the tensor cores in tf32) or Triton's
@@ -238,7 +243,7 @@ def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         return f"tensors on {device.type}, not CUDA"
     if dtype not in (torch.bfloat16, torch.float16) and not (_interpreted() and dtype == torch.float32):
         return f"{dtype} (bf16 or fp16 on CUDA)"
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    if not _head_dim_ok(head_dim):
         return f"head dim {head_dim} (a power of two >= 16)"
     return None
 
@@ -279,7 +284,7 @@ def _check(qkv: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int,
         raise ValueError(f"bias_attention: qkv must be (B, N, 3, H, d) with unit last stride, got "
                          f"shape {tuple(qkv.shape)} strides {qkv.stride()}")
     B, N, _, H, d = qkv.shape
-    if d < 16 or d & (d - 1):
+    if not _head_dim_ok(d):
         raise ValueError(f"bias_attention: head dim {d} must be a power of two >= 16")
     if bias is not None and (tuple(bias.shape) not in ((H, N, N), (B, H, N, N)) or bias.dtype != torch.float32
                              or not bias.is_contiguous()):
