@@ -55,7 +55,7 @@ import torch
 
 from ..layers import attention_impl
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
-                            pretrain_loader)
+                            pretrain_loader, register_fused_mlp_params)
 from ..engine.config import DTYPES, load_config
 from ..models.flops import count_train_flops, vit_forward_flops
 
@@ -91,6 +91,8 @@ LADDER = {
     "fp8": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True, fp8=True),
     "flex": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True),
     "triton": dict(attn="triton", dtype="bf16", fused=True, compile="blocks", fold=True),
+    # ... and GELU + fc1's bias gradient in the MLP GEMMs' epilogues (fused_mlp.py).
+    "mlp": dict(attn="triton", dtype="bf16", fused=True, compile="blocks", fold=True, mlp=True),
     "flex_autotune": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True,
                           compile_options={"mode": "max-autotune-no-cudagraphs"}),
     "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model", fold=True),
@@ -213,7 +215,10 @@ class TrainStep:
         self.teacher = build_teacher(cfg, self.dtype, device)
         model = build_objective(cfg, self.teacher)
         apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks",
-                            setting.get("compile_options"), setting["fold"], setting.get("fp8", False))
+                            setting.get("compile_options"), setting["fold"], setting.get("fp8", False),
+                            setting.get("mlp", False))
+        if zero and zero.startswith("zero3") and setting.get("mlp"):
+            register_fused_mlp_params(model)
         if setting["compile"] == "model":
             compile_whole(model, self.teacher)
         self.pixel = cfg["objective"]["kind"] == "pixel"

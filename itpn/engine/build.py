@@ -96,14 +96,17 @@ def build_val_loader(cfg: dict, rank: int, world: int, device: torch.device):
 
 def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool,
                         compile_options: dict | None = None, fold_layer_scale: bool = True,
-                        fp8: bool = False) -> int:
+                        fp8: bool = False, fused_mlp: bool = False) -> int:
     """Activation checkpointing on every ``every``-th block and/or torch.compile per block
     (``Block.compile``: the checkpoint wrapper stays outside the compiled region); layer scale
     folded into the branches' output Linears or not (``Block.fold_layer_scale``); FP8 matmuls
     in the four Linears of every transformer block (``ScaledLinear.fp8``; the C-MLP blocks of
-    stages 1-2 and the pyramid, narrow and memory-bound, stay bf16). Returns how many blocks
-    are checkpointed."""
-    from ..layers import Block, ScaledLinear
+    stages 1-2 and the pyramid, narrow and memory-bound, stay bf16); GELU fused into the GEMMs
+    of every MLP (``Mlp.fused``, fused_mlp.py). Returns how many blocks are checkpointed."""
+    from ..layers import Block, Mlp, ScaledLinear
+    for m in module.modules():
+        if isinstance(m, Mlp):
+            m.fused = fused_mlp
     blocks = [(name, m) for name, m in module.named_modules() if isinstance(m, Block)]
     n = 0
     for i, (name, blk) in enumerate(blocks):
@@ -119,6 +122,23 @@ def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, 
             n += 1
         if compile_blocks:
             blk.compile(**(compile_options or {}))
+    return n
+
+
+def register_fused_mlp_params(module: nn.Module) -> int:
+    """Under ZeRO-3, a module's parameters are gathered around its own forward; the fused MLP
+    path reads fc1's and fc2's parameters in the Mlp's forward instead of theirs, so they are
+    registered as the Mlp's external parameters (gathered around its forward and backward).
+    Returns how many Mlp modules were registered."""
+    import deepspeed
+
+    from ..layers import Mlp
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Mlp) and m.fused:
+            for p in (*m.fc1.parameters(), *m.fc2.parameters()):
+                deepspeed.zero.register_external_parameter(m, p)
+            n += 1
     return n
 
 

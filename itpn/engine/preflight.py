@@ -54,6 +54,15 @@ def _check_attention(impl) -> None:
                           "(it ships with torch's CUDA builds): set deepspeed.attention=sdpa")
 
 
+def _check_fused_mlp(value) -> None:
+    from ..layers import fused_mlp
+    if not isinstance(value, bool):
+        raise ConfigError(f"deepspeed.fused_mlp must be true or false, got {value!r}")
+    if value and not fused_mlp.available():
+        raise ConfigError("deepspeed.fused_mlp=true needs Triton, which this torch build lacks "
+                          "(it ships with torch's CUDA builds): set deepspeed.fused_mlp=false")
+
+
 def preflight(cfg: dict, world_size: int) -> dict:
     """Validate a merged config for ``world_size`` ranks; returns the DeepSpeed config."""
     if cfg["task"] not in ("pretrain", "finetune", "linprobe", "eval"):
@@ -63,6 +72,7 @@ def preflight(cfg: dict, world_size: int) -> dict:
     if cfg["deepspeed"].get("fp8"):
         _check_fp8_device()
     _check_attention(cfg["deepspeed"]["attention"])
+    _check_fused_mlp(cfg["deepspeed"]["fused_mlp"])
     if cfg["task"] != "eval":
         _check_shards(cfg["data"]["train"], "data.train")
     if cfg["task"] in ("finetune", "linprobe", "eval") and cfg["data"]["val"]:

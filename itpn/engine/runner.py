@@ -28,7 +28,7 @@ from ..layers.attention import triton_fallbacks
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
-                    build_val_loader, finetune_augment, pretrain_loader)
+                    build_val_loader, finetune_augment, pretrain_loader, register_fused_mlp_params)
 from .checkpoint import CheckpointManager, atomic_torch_save
 from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
 from .faults import maybe_die, maybe_inf_grad
@@ -354,6 +354,29 @@ def _report_attention(model: torch.nn.Module, cfg: dict, device, dtype: torch.dt
         log.info("deepspeed.attention=triton: every attention module runs bias_attention")
 
 
+def _block_options(model: torch.nn.Module, cfg: dict, ds_cfg: dict, device, dtype: torch.dtype) -> int:
+    """apply_block_options with the run's settings. With deepspeed.fused_mlp, names the MLPs
+    that run the separate kernels instead and why, and under ZeRO-3 registers the fused MLPs'
+    parameters with DeepSpeed (``register_fused_mlp_params``). Returns the checkpointed blocks."""
+    from ..layers import Mlp
+    ds = cfg["deepspeed"]
+    n_ckpt = apply_block_options(model, ds["checkpoint_every"], ds["activation_checkpointing"], ds["compile"],
+                                 fp8=ds["fp8"], fused_mlp=ds["fused_mlp"])
+    if not ds["fused_mlp"]:
+        return n_ckpt
+    mlps = [(name, m) for name, m in model.named_modules() if isinstance(m, Mlp)]
+    fallbacks = [f"{name}: {reason}" for name, m in mlps if (reason := m.fused_reason(device, dtype)) is not None]
+    if fallbacks:
+        more = f" (+{len(fallbacks) - 3} more)" if len(fallbacks) > 3 else ""
+        log.warning("deepspeed.fused_mlp: %d of %d MLPs run the separate kernels: %s%s", len(fallbacks), len(mlps),
+                    "; ".join(fallbacks[:3]), more)
+    else:
+        log.info("deepspeed.fused_mlp: all %d MLPs run fused_mlp", len(mlps))
+    if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        register_fused_mlp_params(model)
+    return n_ckpt
+
+
 def run_pretrain(cfg: dict) -> TrainState:
     rank, world, local_rank, device = init_distributed()
     run_dir = cfg["run_dir"]
@@ -370,9 +393,7 @@ def run_pretrain(cfg: dict) -> TrainState:
     objective = build_objective(cfg, teacher)
     _report_attention(objective, cfg, device, dtype)
     seed_everything(cfg["seed"] + rank)
-    n_ckpt = apply_block_options(objective, cfg["deepspeed"]["checkpoint_every"],
-                                 cfg["deepspeed"]["activation_checkpointing"], cfg["deepspeed"]["compile"],
-                                 fp8=cfg["deepspeed"]["fp8"])
+    n_ckpt = _block_options(objective, cfg, ds_cfg, device, dtype)
     n_params = sum(p.numel() for p in objective.parameters())
     optimizer = _optimizer(param_groups(objective, cfg["optim"]["weight_decay"]), cfg, device, ds_cfg)
     engine = _engine(objective, cfg, ds_cfg, optimizer)
@@ -562,8 +583,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
         model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.embed_dim, affine=False), head)
         groups = param_groups(model, 0.0)
     else:
-        apply_block_options(model, cfg["deepspeed"]["checkpoint_every"], cfg["deepspeed"]["activation_checkpointing"],
-                            cfg["deepspeed"]["compile"], fp8=cfg["deepspeed"]["fp8"])
+        _block_options(model, cfg, ds_cfg, device, dtype)
         groups = param_groups(model, cfg["optim"]["weight_decay"], cfg["optim"]["layer_decay"])
     optimizer = _optimizer(groups, cfg, device, ds_cfg, lars=linprobe)
     engine = _engine(model, cfg, ds_cfg, optimizer)

@@ -27,30 +27,23 @@ code runs in Triton's interpreter (slow: it exists for the tests).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds ship without Triton
-    triton = tl = None
-
-# Kernels are compiled for CUDA; with TRITON_INTERPRET=1 set before Triton is imported, the
-# same decorator makes them run in Triton's interpreter on CPU tensors (the tests do this).
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from .triton_support import interpreted as _interpreted
+from .triton_support import jit as _jit
+from .triton_support import tl, triton
 
 _LOG2E = 1.4426950408889634
 #: (BM queries, BN keys, warps, pipeline stages) per kernel, tried by Triton's autotuner on CUDA
 #: once per sequence length, head count and variant. Small tiles waste less of a short sequence
 #: (N = 196 pads to 224 with 32-wide tiles, to 256 with 64 or 128), large ones reuse more of
-#: each load. Each list holds configs that ptxas compiles for sm90 with d = 64 without
-#: spilling registers, or nearly (<= 12 bytes; `python benchmarks/kernel_resources.py`
-#: prints registers, spills and shared memory of every config, no GPU needed). The
-#: interpreter uses INTERPRETER_BLOCK x INTERPRETER_BLOCK.
+#: each load. Each list holds configs that ptxas compiles for sm90 with d = 64, specialized
+#: as for iTPN-L's shapes, without spilling registers, or nearly (<= 4 bytes; `python
+#: benchmarks/kernel_resources.py` prints registers, spills, shared memory and the tensor-core
+#: instructions of every config, no GPU needed). The interpreter uses INTERPRETER_BLOCK x
+#: INTERPRETER_BLOCK.
 FWD_CONFIGS = ((32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 3), (64, 128, 8, 2))
-DKDV_CONFIGS = ((32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3))
+DKDV_CONFIGS = ((32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3))
 DQ_CONFIGS = ((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3))
 INTERPRETER_BLOCK = 16
 #: Groups of samples whose bias-gradient partial sums the dK/dV kernel keeps apart (a (G, H, N,
@@ -223,10 +216,6 @@ def _bias_attn_bwd_dq(QKV, BIAS, DO, LSE, DELTA, DQKV, s_qb, s_qn, s_q3, s_qh, s
              (dq * sm_scale).to(DQKV.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _head_dim_ok(d: int) -> bool:
     """A power of two >= 16: the width of the kernels' (rows, d) tiles."""
     return d >= 16 and not d & (d - 1)
@@ -302,13 +291,13 @@ def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int]:
     return bias.stride(0), bias.stride(1), bias.stride(2)
 
 
-def _launch(device: torch.device) -> tuple[dict, dict]:
+def _launch(device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
     """The kernels and the tile arguments to pass: none on CUDA (the autotuner picks them),
     INTERPRETER_BLOCK in the interpreter (small tiles, so that the tests cover several tiles
-    and partial ones) with fp32 dot operands (``_dot``)."""
+    and partial ones), with fp32 dot operands for bf16 only (``_dot``)."""
     if device.type == "cuda":
         return _kernels(device), dict(F32=False)
-    return _kernels(device), dict(BM=INTERPRETER_BLOCK, BN=INTERPRETER_BLOCK, F32=True)
+    return _kernels(device), dict(BM=INTERPRETER_BLOCK, BN=INTERPRETER_BLOCK, F32=dtype == torch.bfloat16)
 
 
 def _grid(n: int, rows: int, tile: str):
@@ -320,7 +309,7 @@ def _bias_attention(qkv: torch.Tensor, bias: torch.Tensor | None, scale: float) 
     B, N, H, d = _check(qkv, bias)
     out = torch.empty(B, N, H, d, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=qkv.device)
-    k, tiles = _launch(qkv.device)
+    k, tiles = _launch(qkv.device, qkv.dtype)
     b_arg = bias if bias is not None else lse  # any pointer; unread without a bias
     k["fwd"][_grid(N, B * H, "BM")](
         qkv, b_arg, out, lse, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3), *_bias_strides(bias),
@@ -341,7 +330,7 @@ def _bias_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.
                              bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, H, d = _check(qkv, bias)
     grad = grad.contiguous()
-    k, tiles = _launch(qkv.device)
+    k, tiles = _launch(qkv.device, qkv.dtype)
     delta = torch.empty_like(lse)
     k["delta"][(triton.cdiv(N, 64), B * H)](
         out, grad, delta, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), N, H,

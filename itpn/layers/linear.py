@@ -46,9 +46,16 @@ class ScaledLinear(nn.Linear):
             check_fp8_shape(self.in_features, self.out_features)
         self._fp8 = bool(enable)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def scaled(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias with the output gain folded in (the parameters themselves
+        without one). Under ZeRO-3, a caller other than this module's forward must have them
+        gathered (Mlp's fused path: ``register_external_parameter``)."""
         weight, bias = self.weight, self.bias
         if scale is not None:
             weight = weight * scale[:, None]  # (out, in) scaled by row
             bias = None if bias is None else bias * scale
+        return weight, bias
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = self.scaled(scale)
         return fp8_linear(x, weight, bias) if self._fp8 else F.linear(x, weight, bias)
