@@ -3,8 +3,9 @@
 # on one H100 (run them in this order when GPU time is short):
 #
 #   benchmarks/gpu_suite.sh first     for a short lease (one call): iTPN-L + CLIP-L/14@196
-#                                     compiled with and without the layer-scale fold, and with
-#                                     our Triton attention (kernel profile of that row), the
+#                                     compiled with and without the layer-scale fold, with our
+#                                     Triton attention, and with our fused MLP too (kernel
+#                                     profile of that row), the
 #                                     attention microbenchmark, the GPU tests, fold vs fold +
 #                                     FP8 linears, the same step inside DeepSpeed ZeRO-1 with
 #                                     its host-sync count
@@ -43,8 +44,8 @@ bench() { echo "+ itpn-bench $*"; "$PY" -m itpn.cli.bench --json "$OUT/bench.jso
 case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
   first)  # the headline numbers first: a run cut off by the time limit keeps the calls that finished,
     # and a call that fails (e.g. a kernel's first GPU compile) does not stop the ones after it
-    bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold triton \
-      --profile "$OUT/profile_clip_l_triton.txt" || echo "FAILED: clip_l compile fold triton"
+    bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold triton mlp \
+      --profile "$OUT/profile_clip_l_mlp.txt" || echo "FAILED: clip_l compile fold triton mlp"
     "$PY" benchmarks/bench_attention.py || echo "FAILED: bench_attention"
     "$PY" -m pytest -q tests/gpu 2>&1 | tail -25
     bench --recipe clip_l --batch 128 --steps 10 --ladder fold fp8 --profile "$OUT/profile_clip_l_fp8.txt" \
@@ -78,10 +79,10 @@ make_images('$data/images', 5120)"
     bench --recipe clip_b --batch 256 --steps 20 --ladder fold --data "$data/train" --workers "${WORKERS:-12}" ;;
   clip_b)
     bench --recipe clip_b --batch 256 --steps 10
-    bench --recipe clip_b --batch 256 --steps 10 --ladder triton
+    bench --recipe clip_b --batch 256 --steps 10 --ladder triton mlp
     bench --recipe clip_b --batch 256 --steps 10 --ladder compile_model ;;
   pixel_l)
-    bench --recipe pixel_l --batch 256 --steps 8 --ladder fused compile fold triton compile_model ;;
+    bench --recipe pixel_l --batch 256 --steps 8 --ladder fused compile fold triton mlp compile_model ;;
   infer)
     bench --infer --batch 256 --steps 10 ;;
   autotune)

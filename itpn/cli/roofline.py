@@ -56,6 +56,7 @@ from itpn.cli.bench import RECIPES, load_recipe, make_batch
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.layers import Block, attention_impl
 from itpn.layers import bias_attention as bias_attention_module
+from itpn.layers import fused_mlp as fused_mlp_module
 from itpn.objectives.clip_teacher import target_width
 
 aten = torch.ops.aten
@@ -73,6 +74,32 @@ def _packed_attention_flops(qkv: torch.Tensor, backward: bool) -> int:
 #: Our kernel's two ops -> their FLOPs from the op's arguments.
 PACKED_ATTENTION = {"itpn.bias_attention": lambda args: _packed_attention_flops(args[0], False),
                     "itpn.bias_attention_backward": lambda args: _packed_attention_flops(args[1], True)}
+
+
+def _fused_mlp_fwd(args, out) -> tuple[int, int, int]:
+    x, w1, b1, w2, b2 = args
+    y, h, a = out
+    flops = 2 * x.shape[0] * w1.shape[0] * (w1.shape[1] + w2.shape[0])  # fc1 and fc2: 2 M K N each
+    # fc1 as a GEMM reads x, w1, b1 and writes h, fc2 reads a, w2, b2 and writes y; the
+    # epilogue's own traffic is the second output of fc1, a.
+    gemm = sum(touched_bytes(t) for t in (x, w1, b1, h, a, w2, b2, y))
+    return flops, gemm, touched_bytes(a)
+
+
+def _fused_mlp_dgrad(args, out) -> tuple[int, int, int]:
+    dy, w2, h = args
+    dh, db1 = out
+    # fc2's input gradient as a GEMM reads dy and w2 and writes dh; the epilogue reads h and
+    # writes the fp32 bias-gradient parts.
+    return (2 * dy.shape[0] * dy.shape[1] * h.shape[1], sum(touched_bytes(t) for t in (dy, w2, dh)),
+            touched_bytes(h) + touched_bytes(db1))
+
+
+#: The fused MLP's two ops (fused_mlp.py) -> (FLOPs, bytes as GEMMs, the epilogue's extra
+#: bytes). The extra bytes are bounded as a memory-bound op of their own ("epilogue", summed
+#: with the other non-GEMM ops and kept where a block's bytes are inductor's count): a ceiling
+#: that assumes no overlap of a tile's epilogue with other tiles' main loops.
+FUSED_MLP = {"itpn.fused_mlp": _fused_mlp_fwd, "itpn.fc2_dgrad_gelu": _fused_mlp_dgrad}
 
 
 def touched_bytes(t: torch.Tensor) -> int:
@@ -160,15 +187,20 @@ class OpRecorder(TorchDispatchMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         nbytes = sum(touched_bytes(t) for t in inputs) + sum(touched_bytes(t) for t in outputs)
-        kind = ("gemm" if packet in GEMMS else "attention" if packet in ATTENTION or str(packet) in PACKED_ATTENTION
-                else "other")
+        kind = "gemm" if packet in GEMMS else "attention" if packet in ATTENTION or str(packet) in PACKED_ATTENTION \
+            else "other"
         backward = self.tracker.is_bw
         if backward:
             node = torch._C._current_autograd_node()
             module = node.metadata.get("module", "Global") if node is not None else "Global"
         else:
             module = _innermost(self.tracker)
-        self.rows.append((module, "backward" if backward else "forward", kind, str(packet), flops, nbytes))
+        phase = "backward" if backward else "forward"
+        if str(packet) in FUSED_MLP:
+            flops, nbytes, extra = FUSED_MLP[str(packet)](args, out)
+            self.rows.append((module, phase, "epilogue", str(packet), 0, extra))
+            kind = "gemm"
+        self.rows.append((module, phase, kind, str(packet), flops, nbytes))
         return out
 
 
@@ -302,6 +334,44 @@ def triton_attention(stand_in=None):
         bias_attention_module.usable, bias_attention_module.bias_attention = saved
 
 
+@torch.library.custom_op("itpn_roofline::fc1_gelu", mutates_args=())
+def _stand_in_fc1_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # fused_mlp's forward kernel, on the CPU, for inductor's byte count (an extern call to it)
+    h = F.linear(x, w1, b1)
+    return h, F.gelu(h)
+
+
+@_stand_in_fc1_gelu.register_fake
+def _(x, w1, b1):
+    h = x.new_empty(x.shape[0], w1.shape[0])
+    return h, torch.empty_like(h)
+
+
+@torch.library.custom_op("itpn_roofline::fc2_dgrad_gelu", mutates_args=())
+def _stand_in_dgrad(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dh = torch.ops.aten.gelu_backward(dy @ w2, h)
+    return dh, dh.float().sum(0)
+
+
+@_stand_in_dgrad.register_fake
+def _(dy, w2, h):
+    return torch.empty_like(h), h.new_empty(h.shape[1], dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def fused_mlp_everywhere(stand_in: bool = False):
+    """Every Mlp with ``fused`` set takes the fused path on any device; with ``stand_in``, the
+    two kernels' ops are replaced by CPU stand-ins (the fused op and its backward stay)."""
+    saved = fused_mlp_module.unusable_reason, fused_mlp_module._fc1_gelu, fused_mlp_module._fc2_dgrad_gelu_op
+    fused_mlp_module.unusable_reason = lambda *a: None
+    if stand_in:
+        fused_mlp_module._fc1_gelu, fused_mlp_module._fc2_dgrad_gelu_op = _stand_in_fc1_gelu, _stand_in_dgrad
+    try:
+        yield
+    finally:
+        fused_mlp_module.unusable_reason, fused_mlp_module._fc1_gelu, fused_mlp_module._fc2_dgrad_gelu_op = saved
+
+
 def _attention_context(attention: str, compiled: bool):
     if attention == "triton":
         return triton_attention(_opaque_packed if compiled else None)
@@ -315,10 +385,11 @@ def _signature(block: Block, args: tuple) -> tuple:
     return params, shapes, block.drop_path.enabled
 
 
-def compiled_block_bytes(calls: dict, attention: str = "sdpa") -> dict:
+def compiled_block_bytes(calls: dict, attention: str = "sdpa", mlp: str = "separate") -> dict:
     """Per block signature: non-extern bytes per image of the compiled block's forward +
     backward, from inductor's own count. ``calls``: signature -> (meta block, args);
-    ``attention``: "sdpa" (SDPA's memory-efficient kernel) or "triton" (bias_attention)."""
+    ``attention``: "sdpa" (SDPA's memory-efficient kernel) or "triton" (bias_attention);
+    ``mlp``: "separate" or "fused" (fused_mlp, an extern call: its epilogues count with its GEMMs)."""
     import torch._inductor.config as inductor_config
     import torch._inductor.metrics as metrics
     from torch._inductor.scheduler import ExternKernelSchedulerNode
@@ -330,9 +401,11 @@ def compiled_block_bytes(calls: dict, attention: str = "sdpa") -> dict:
     log.propagate, log.handlers = False, [logging.NullHandler()]
     out = {}
     try:
-        with _attention_context(attention, compiled=True), inductor_config.patch(fx_graph_cache=False):
+        with _attention_context(attention, compiled=True), fused_mlp_everywhere(stand_in=True), \
+                inductor_config.patch(fx_graph_cache=False):
             for sig, (meta_block, args) in calls.items():
                 block = copy.deepcopy(meta_block).to_empty(device="cpu").to(torch.bfloat16)
+                block.mlp.fused = mlp == "fused"
                 with torch.no_grad():
                     for p in block.parameters():
                         p.normal_(0, 0.02)
@@ -366,16 +439,17 @@ def group_of(module: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "encoder" and len(parts) > 1 else parts[0]
 
 
-def record_step(recipe: str, batch: int, attention: str = "sdpa") -> tuple[list, dict]:
+def record_step(recipe: str, batch: int, attention: str = "sdpa", mlp: str = "separate") -> tuple[list, dict]:
     """Rows (module, phase, kind, op, FLOPs, bytes) of one forward + backward at ``batch``,
-    and the parameter count, the root's class name and every Block call (name, block, args)."""
+    and the parameter count, the root's class name and every Block call (name, block, args).
+    ``mlp="fused"``: every MLP as fused_mlp runs it."""
     cfg = load_recipe(recipe)
     clip = cfg["objective"]["kind"] == "clip"
     teacher_dim = target_width(cfg["teacher"]["arch"]) if clip else 0
     cfg["objective"]["teacher_dim"] = teacher_dim
     with torch.device("meta"):
         model = build_objective(cfg).to(torch.bfloat16).train()
-    apply_block_options(model, 0, False, False, fold_layer_scale=True)
+    apply_block_options(model, 0, False, False, fold_layer_scale=True, fused_mlp=mlp == "fused")
     x, mask, _ = make_batch(cfg, batch, "meta")
     kwargs = {}
     if clip:
@@ -389,7 +463,8 @@ def record_step(recipe: str, batch: int, attention: str = "sdpa") -> tuple[list,
         block_calls.append((names[block], block, (tuple(args) + tuple(kwargs.values()) + (None, None))[:3]))
     hooks = [m.register_forward_pre_hook(record_call, with_kwargs=True)
              for m in model.modules() if isinstance(m, Block)]
-    with _attention_context(attention, compiled=False), tracker, NodeTagger(tracker), recorder:
+    with _attention_context(attention, compiled=False), fused_mlp_everywhere(), tracker, NodeTagger(tracker), \
+            recorder:
         model(x.to(torch.bfloat16), mask, **kwargs)["loss"].backward()
     for h in hooks:
         h.remove()
@@ -411,6 +486,7 @@ def summarise(rows, peak: float, bandwidth: float, compiled: dict | None = None)
     for module, phase, kind, _, flops, nbytes in rows:
         if kind == "other" and in_compiled(module, compiled):
             continue
+        kind = "other" if kind == "epilogue" else kind  # fused GEMM epilogues: not in inductor's count
         g = table[group_of(module)]
         g[f"{kind}_ms"] += 1e3 * max(flops / peak, nbytes / bandwidth)
         g[f"{kind}_gflop"] += flops / 1e9
@@ -433,9 +509,11 @@ def main(argv=None) -> None:
                    help="count each block's non-GEMM bytes as inductor's compiled kernels move them")
     p.add_argument("--attention", choices=["sdpa", "triton"], default="sdpa",
                    help="attention as SDPA's memory-efficient kernel or as our Triton kernel (bias_attention)")
+    p.add_argument("--mlp", choices=["separate", "fused"], default="separate",
+                   help="the MLPs' GELU as separate kernels or in the GEMMs' epilogues (fused_mlp)")
     args = p.parse_args(argv)
     peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12
-    rows, info = record_step(args.recipe, args.batch, args.attention)
+    rows, info = record_step(args.recipe, args.batch, args.attention, args.mlp)
     compiled = None
     if args.compiled:
         calls, names = {}, defaultdict(list)  # signature -> (first block, its args); -> qualified names
@@ -443,7 +521,7 @@ def main(argv=None) -> None:
             sig = _signature(block, block_args)
             calls.setdefault(sig, (block, block_args))
             names[sig].append(f"{info['root']}.{name}")
-        per_image = compiled_block_bytes(calls, args.attention)
+        per_image = compiled_block_bytes(calls, args.attention, args.mlp)
         compiled = {name: per_image[sig] * args.batch for sig in calls for name in names[sig]}
         print(f"{len(calls)} block signatures compiled (inductor, CPU) for {len(compiled)} block calls; "
               "non-GEMM MB per image and call, eager (bytes / batch) -> compiled (slope, batch 2 to 4):")
@@ -454,7 +532,7 @@ def main(argv=None) -> None:
                   f"{per_image[sig] / 1e6:8.2f}")
     table = summarise(rows, peak, bandwidth, compiled=compiled)
     print(f"recipe {args.recipe}, batch {args.batch}, bf16 weights and activations, folded layer scale, "
-          f"{'compiled blocks' if compiled else 'eager'}, attention {args.attention}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
+          f"{'compiled blocks' if compiled else 'eager'}, attention {args.attention}, MLP {args.mlp}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
     print(f"{'part':22s} {'GEMM GFLOP':>11s} {'GEMM ms':>8s} {'attn ms':>8s} {'other GB':>9s} {'other ms':>9s} "
           f"{'total ms':>9s}")
     totals = defaultdict(float)

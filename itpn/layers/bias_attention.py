@@ -372,9 +372,12 @@ def _setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.save_for_backward(qkv, bias, out, lse)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero gradient written for lse
 
 
 def _backward(ctx, grad, _grad_lse):
+    if grad is None:  # not materialised (set_materialize_grads(False)): out took no part in the loss
+        return None, None, None
     qkv, bias, out, lse = ctx.saved_tensors
     bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
     dqkv, dbias = _bias_attention_backward(grad, qkv, bias if ctx.has_bias else None, out, lse, ctx.scale,

@@ -257,18 +257,21 @@ def _setup(ctx, inputs, output):
     _, h, a = output
     ctx.save_for_backward(x, w1, w2, h, a)
     ctx.mark_non_differentiable(h, a)
+    ctx.set_materialize_grads(False)  # no zero gradients written for h and a
 
 
 def _backward(ctx, grad, _grad_h, _grad_a):
     x, w1, w2, h, a = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+    if grad is None:  # not materialised (set_materialize_grads(False)): y took no part in the loss
+        return None, None, None, None, None
     grad = grad.contiguous()
     dh, db1 = _fc2_dgrad_gelu_op(grad, w2, h)
     return (dh @ w1 if need_x else None,
             dh.t() @ x if need_w1 else None,
             db1.to(w1.dtype) if need_b1 else None,
             grad.t() @ a if need_w2 else None,
-            grad.sum(0, dtype=torch.float32).to(w2.dtype) if need_b2 else None)
+            grad.sum(0) if need_b2 else None)  # as F.linear's backward (fp32 accumulation)
 
 
 _fused_mlp.register_autograd(_backward, setup_context=_setup)

@@ -37,7 +37,8 @@ class Mlp(nn.Module):
         if self.fused:
             # Under autocast the Linears would run in its dtype: so do the kernels.
             kind = x.device.type
-            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+            autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
             if self.fused_reason(x.device, dtype) is None:
                 w2, b2 = self.fc2.scaled(out_scale)
                 return fused_mlp.fused_mlp(*(t.to(dtype) for t in (x, self.fc1.weight, self.fc1.bias, w2, b2)))

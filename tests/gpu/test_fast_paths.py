@@ -111,6 +111,35 @@ def test_bias_attention_kernels_match_fp32_reference(n, bias_kind):
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic: no atomics
 
 
+@pytest.mark.parametrize("m,dim,hidden,dtype", [(32 * 196, 768, 3072, torch.bfloat16),  # iTPN-L stage 3
+                                               (8 * 49 + 5, 512, 2048, torch.float16),  # partial row tile
+                                               (4 * 3136, 192, 768, torch.bfloat16)])  # a C-MLP stage
+def test_fused_mlp_kernels_match_fp32_reference(m, dim, hidden, dtype):
+    """The compiled, autotuned kernels on the tensor cores: output and all five gradients
+    within the separate kernels' own distance from fp32 (plus a little), and bit-identical
+    reruns (fc1's bias gradient is summed without atomics)."""
+    from itpn.layers.fused_mlp import fused_mlp, reference
+    torch.manual_seed(0)
+    x = torch.randn(m, dim, device=DEV)
+    w1, b1 = torch.randn(hidden, dim, device=DEV) * dim ** -0.5, torch.randn(hidden, device=DEV)
+    w2, b2 = torch.randn(dim, hidden, device=DEV) * hidden ** -0.5, torch.randn(dim, device=DEV) * 0.1
+    inputs = [t.to(dtype).requires_grad_() for t in (x, w1, b1, w2, b2)]
+    grad = torch.randn(m, dim, device=DEV, dtype=dtype)
+    ref = reference(*inputs)
+    want = [ref, *torch.autograd.grad(ref, inputs, grad)]
+    x_, w1_, b1_, w2_, b2_ = inputs
+    sep = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x_, w1_, b1_)), w2_, b2_)
+    seps = [sep, *torch.autograd.grad(sep, inputs, grad)]
+    runs = []
+    for _ in range(2):
+        y = fused_mlp(*inputs)
+        runs.append([y, *torch.autograd.grad(y, inputs, grad)])
+    for got, s, w in zip(runs[0], seps, want):
+        assert got.dtype == w.dtype and got.shape == w.shape
+        assert rel(got, w) < 1.5 * rel(s, w) + 1e-3, (rel(got, w), rel(s, w))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize("ckpt,fp8", [(False, False), (True, False), (False, True)])
 def test_compiled_blocks_match_eager(ckpt, fp8):
     """Compiled blocks, also with activation checkpointing (the checkpoint in eager around
@@ -157,12 +186,12 @@ def test_fp8_gemms_are_the_dequantised_product(rows):
 
 
 @pytest.mark.parametrize("recipe,setting", [("tiny", "fused"), ("tiny", "compile"), ("tiny", "fp8"),
-                                            ("tiny", "triton")])
+                                            ("tiny", "triton"), ("tiny", "mlp")])
 def test_training_step_has_no_host_sync(recipe, setting):
     """The benchmark's step (teacher forward, student forward + backward, clipping, fused
     AdamW) after warm-up issues no host-device synchronisation: CUDA's sync debug mode
     turns any into an error. "triton": our attention kernel, its autotuning (which does
-    synchronise) done in the warm-up steps."""
+    synchronise) done in the warm-up steps; "mlp": and the fused MLP kernels."""
     from itpn.cli import bench
     cfg = bench.load_recipe(recipe)
     fixed = bench.make_batch(cfg, 4, DEV)

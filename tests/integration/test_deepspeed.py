@@ -3,6 +3,7 @@ ZeRO 1/2/3 equivalence, SIGKILL + resume, interrupted saves, a two-node loopback
 without ssh, torchrun, and configuration errors that stop every rank before training."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -256,6 +257,38 @@ def test_trainer_runs_our_attention_kernel(tmp_path, demo_data):
     init = build_objective(saved["sdpa"]["config"]).state_dict()
     for key in ("encoder.blocks.0.attn.relative_position_bias_table", "encoder.blocks.3.attn.qkv.weight"):
         a, b, w0 = saved["triton"]["model"][key], saved["sdpa"]["model"][key], init[key]
+        assert (b - w0).norm() > 0, key  # trained
+        assert (a - b).norm() < 1e-3 * (b - w0).norm(), key
+
+
+def test_trainer_fuses_the_mlp_under_zero3(tmp_path, demo_data):
+    """deepspeed.fused_mlp=true through the trainer on 2 ranks under ZeRO-3 (fc1's and fc2's
+    partitioned parameters gathered around the Mlp's forward and backward as its external
+    parameters), fp32, pixel MIM + EMA-MFM (every MLP: C-MLP stages, transformer blocks,
+    pyramid, decoder), the kernels in Triton's interpreter: the losses and the trained weights
+    are the separate kernels' to fp32 rounding. Two steps of 2 images per rank: the interpreter is slow."""
+    import torch
+
+    from itpn.engine.build import build_objective
+
+    pytest.importorskip("triton")
+    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=2", "optim.epochs=0.017",
+            "optim.warmup_epochs=0", "deepspeed.fragments=[zero3, fp32, clip_grad]", *PIXEL]
+    runs = {}
+    for fused in ("false", "true"):
+        env = _env(TRITON_INTERPRET="1") if fused == "true" else _env()
+        proc = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "itpn.cli.pretrain",
+                     f"run_dir={tmp_path / fused}", f"deepspeed.fused_mlp={fused}", *args], cwd=ROOT, env=env)
+        runs[fused] = _losses(tmp_path / fused)
+    assert re.search(r"deepspeed.fused_mlp: all \d+ MLPs run fused_mlp", proc.stdout + proc.stderr)
+    assert ", ZeRO-3," in proc.stdout + proc.stderr
+    assert sorted(runs["true"]) == [1, 2]
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
+    saved = {f: torch.load(tmp_path / f / "weights" / "model.pt", weights_only=False) for f in runs}
+    torch.manual_seed(saved["false"]["config"]["seed"])  # the runner's initialisation
+    init = build_objective(saved["false"]["config"]).state_dict()
+    for key in ("encoder.blocks.0.mlp.fc1.bias", "encoder.blocks.3.mlp.fc2.weight", "encoder.stage1.0.mlp.fc1.weight"):
+        a, b, w0 = saved["true"]["model"][key], saved["false"]["model"][key], init[key]
         assert (b - w0).norm() > 0, key  # trained
         assert (a - b).norm() < 1e-3 * (b - w0).norm(), key
 

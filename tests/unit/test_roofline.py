@@ -2,6 +2,7 @@
 backward is attributed to, FLOPs that agree with the counter the benchmark uses, and
 compiled blocks counted as moving fewer bytes than their eager ops."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -9,7 +10,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from itpn.cli.bench import load_recipe, make_batch
 from itpn.cli.roofline import (NodeTagger, OpRecorder, _signature, compiled_block_bytes, efficient_attention,
-                               main, record_step, touched_bytes, triton_attention)
+                               fused_mlp_everywhere, main, record_step, summarise, touched_bytes, triton_attention)
 from itpn.engine.build import build_objective
 from itpn.layers import Block, attention_impl, relative_position_index
 from itpn.objectives.clip_teacher import target_width
@@ -116,6 +117,42 @@ def test_triton_attention_is_recorded_as_one_op_each_way():
     assert attn[0][4] == fwd and attn[1][4] == 2 * fwd
     # forward: reads qkv (bf16) and the (H, N, N) fp32 bias, writes out (bf16) and the lse (fp32)
     assert attn[0][5] == 3 * 16 * 192 * 2 + 2 * 16 * 16 * 4 + 3 * 16 * 64 * 2 + 3 * 2 * 16 * 4
+
+
+def test_fused_mlp_is_two_gemm_ops_and_its_epilogue_traffic():
+    """The fused MLP is recorded as its two ops (their FLOPs those of the two GEMMs each way
+    that they replace) plus their epilogues' own traffic: fc1's second output a, and h read
+    by fc2's input-gradient kernel. GELU's forward and backward and fc1's bias gradient are
+    gone from the non-GEMM ops: of the 8 hidden-sized passes, 4 remain (2 of them epilogue)."""
+    m, c, hidden = 3 * 16, 64, 256
+    rows = {}
+    for mlp in ("separate", "fused"):
+        with torch.device("meta"):
+            block = Block(c, 0, 4.0).to(torch.bfloat16).train()
+        block.mlp.fused = mlp == "fused"
+        x = torch.empty(3, 16, c, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        with fused_mlp_everywhere():
+            rows[mlp] = _record(block, x)
+    fused = [r for r in rows["fused"] if r[3].startswith("itpn.")]
+    assert [(r[1], r[2], r[3]) for r in fused] == [
+        ("forward", "epilogue", "itpn.fused_mlp"), ("forward", "gemm", "itpn.fused_mlp"),
+        ("backward", "epilogue", "itpn.fc2_dgrad_gelu"), ("backward", "gemm", "itpn.fc2_dgrad_gelu")]
+    pass_bytes = m * hidden * 2
+    assert fused[0][5] == pass_bytes and fused[2][5] == pass_bytes + hidden * 4
+    gemm_flops = {mlp: sum(r[4] for r in rows[mlp] if r[2] == "gemm") for mlp in rows}
+    assert gemm_flops["fused"] == gemm_flops["separate"] == 6 * 2 * m * c * hidden
+    other = {mlp: sum(r[5] for r in rows[mlp] if r[2] in ("other", "epilogue")) for mlp in rows}
+    # separate: GELU 2 passes, GELU' 3, the bias gradient 1 (fc1's output and fc2's input
+    # gradient count in the GEMMs' bytes either way); fused: the 2 epilogue passes, and fc1's
+    # bias gradient as fp32 parts cast to bf16 (a few bias-sized vectors)
+    saved = other["separate"] - other["fused"]
+    assert 4 * pass_bytes - 4 * hidden * 4 <= saved < 4 * pass_bytes, (saved, pass_bytes)
+    assert not any(r[3] in ("aten.zeros", "aten.gelu", "aten.gelu_backward") for r in rows["fused"])
+    # With the block's bytes counted by inductor (here: 1), its epilogue bytes still count.
+    table = summarise(rows["fused"], 791e12, 3.35e12, compiled={"Block": 1.0})
+    outside = sum(r[5] for r in rows["fused"] if r[2] == "other" and not r[0].startswith("Block"))
+    total = sum(g["other_gb"] for g in table.values())
+    assert total == pytest.approx((2 * pass_bytes + hidden * 4 + 1 + outside) / 1e9)
 
 
 def test_cli_prints_the_table(capsys):
