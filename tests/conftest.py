@@ -1,5 +1,7 @@
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,3 +23,21 @@ def fixtures_dir():
     if not os.path.isdir(path):
         pytest.fail(f"reference fixtures not found at {path} (set ITPN_FIXTURES)")
     return path
+
+
+@pytest.fixture
+def run_interpreted():
+    """Runs a test file of tests/unit in a subprocess with Triton's interpreter switched on
+    (it has to be set before Triton is imported) and fails with its output unless every test
+    in it passed, none skipped."""
+    pytest.importorskip("triton")
+    root = os.path.join(os.path.dirname(__file__), "..")
+
+    def run(name: str) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               os.path.join(root, "tests", "unit", name)],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        assert " passed" in proc.stdout and "skipped" not in proc.stdout
+    return run

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import interpreted as _interpreted
+from .triton_support import device_reason, require, tl, triton
 from .triton_support import jit as _jit
-from .triton_support import tl, triton
 
 _LOG2E = 1.4426950408889634
 #: (BM queries, BN keys, warps, pipeline stages) per kernel, tried by Triton's autotuner on CUDA
@@ -222,19 +221,12 @@ def _head_dim_ok(d: int) -> bool:
 
 
 def unusable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why ``bias_attention`` cannot run for these tensors (None: it can). It needs Triton, a
-    CUDA device in bf16 / fp16 (fp32 operands would run the tensor cores in tf32) or Triton's
-    interpreter (any of the three), and a head dim that is a power of two >= 16 (the tile width)."""
-    device = torch.device(device)
-    if triton is None:
-        return "Triton is not installed"
-    if device.type != "cuda" and not _interpreted():
-        return f"tensors on {device.type}, not CUDA"
-    if dtype not in (torch.bfloat16, torch.float16) and not (_interpreted() and dtype == torch.float32):
-        return f"{dtype} (bf16 or fp16 on CUDA)"
-    if not _head_dim_ok(head_dim):
-        return f"head dim {head_dim} (a power of two >= 16)"
-    return None
+    """Why ``bias_attention`` cannot run for these tensors (None: it can): ``device_reason``,
+    and a head dim that is a power of two >= 16 (the tile width)."""
+    reason = device_reason(device, dtype)
+    if reason is None and not _head_dim_ok(head_dim):
+        reason = f"head dim {head_dim} (a power of two >= 16)"
+    return reason
 
 
 def usable(qkv: torch.Tensor) -> bool:
@@ -244,11 +236,7 @@ def usable(qkv: torch.Tensor) -> bool:
 
 def _kernels(device: torch.device) -> dict:
     """The four kernels: compiled for CUDA, or Triton's interpreter on CPU tensors."""
-    if triton is None:
-        raise RuntimeError("bias_attention needs Triton (it ships with the CUDA builds of torch)")
-    if device.type != "cuda" and not _interpreted():
-        raise RuntimeError(f"bias_attention runs on CUDA tensors (got {device}); on the CPU only in "
-                           "Triton's interpreter, with TRITON_INTERPRET=1 set before Triton is imported")
+    require("bias_attention", device)
     if device.type != "cuda":
         return dict(fwd=_bias_attn_fwd, delta=_bias_attn_delta, dkdv=_bias_attn_bwd_dkdv, dq=_bias_attn_bwd_dq)
     if not _TUNED:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton_support import interpreted, jit, tl, triton
+from .triton_support import device_reason, jit, require, tl, triton
 
 #: (BM, BN, BK, warps, stages) per kernel, tried by Triton's autotuner on CUDA once per
 #: (M, N, K). Each config compiles for sm90 without spilling registers
@@ -130,19 +130,12 @@ def _head_ok(*widths: int) -> bool:
 
 
 def unusable_reason(device, dtype: torch.dtype, dim: int, hidden: int, out_dim: int) -> str | None:
-    """Why ``fused_mlp`` cannot run for these tensors (None: it can): it needs Triton, a CUDA
-    device in bf16 / fp16 (fp32 operands would run the tensor cores in tf32) or Triton's
-    interpreter (any of the three), and widths that are multiples of ALIGN."""
-    device = torch.device(device)
-    if triton is None:
-        return "Triton is not installed"
-    if device.type != "cuda" and not interpreted():
-        return f"tensors on {device.type}, not CUDA"
-    if dtype not in (torch.bfloat16, torch.float16) and not (interpreted() and dtype == torch.float32):
-        return f"{dtype} (bf16 or fp16 on CUDA)"
-    if not _head_ok(dim, hidden, out_dim):
-        return f"widths {dim} -> {hidden} -> {out_dim} (multiples of {ALIGN})"
-    return None
+    """Why ``fused_mlp`` cannot run for these tensors (None: it can): ``device_reason``, and
+    widths that are multiples of ALIGN."""
+    reason = device_reason(device, dtype)
+    if reason is None and not _head_ok(dim, hidden, out_dim):
+        reason = f"widths {dim} -> {hidden} -> {out_dim} (multiples of {ALIGN})"
+    return reason
 
 
 def _check(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
@@ -161,11 +154,7 @@ def _check(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
 
 def _kernels(device: torch.device) -> dict:
     """The two kernels: autotuned compiled ones for CUDA, or Triton's interpreter on CPU tensors."""
-    if triton is None:
-        raise RuntimeError("fused_mlp needs Triton (it ships with the CUDA builds of torch)")
-    if device.type != "cuda" and not interpreted():
-        raise RuntimeError(f"fused_mlp runs on CUDA tensors (got {device}); on the CPU only in Triton's "
-                           "interpreter, with TRITON_INTERPRET=1 set before Triton is imported")
+    require("fused_mlp", device)
     if device.type != "cuda":
         return dict(fwd=_fc1_gelu_fwd, dgrad=_fc2_dgrad_gelu)
     if not _TUNED:
@@ -213,10 +202,18 @@ def _fc1_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> tuple[torc
     return h, a
 
 
-@_fc1_gelu.register_fake
-def _(x, w1, b1):
+def fc1_gelu_fake(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes of ``fc1_gelu``'s outputs (h, a): (M, hidden) each."""
     h = x.new_empty(x.shape[0], w1.shape[0])
     return h, torch.empty_like(h)
+
+
+def dgrad_gelu_fake(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes of ``fc2_dgrad_gelu``'s outputs: dh like h, fc1's bias gradient (hidden,) in fp32."""
+    return torch.empty_like(h), h.new_empty(h.shape[1], dtype=torch.float32)
+
+
+_fc1_gelu.register_fake(fc1_gelu_fake)
 
 
 @torch.library.custom_op("itpn::fc2_dgrad_gelu", mutates_args=())
@@ -232,9 +229,7 @@ def _fc2_dgrad_gelu_op(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> t
     return dh, parts.sum(0)
 
 
-@_fc2_dgrad_gelu_op.register_fake
-def _(dy, w2, h):
-    return torch.empty_like(h), h.new_empty(h.shape[1], dtype=torch.float32)
+_fc2_dgrad_gelu_op.register_fake(dgrad_gelu_fake)
 
 
 @torch.library.custom_op("itpn::fused_mlp", mutates_args=())
@@ -248,8 +243,7 @@ def _fused_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
 @_fused_mlp.register_fake
 def _(x, w1, b1, w2, b2):
     _check(x, w1, b1, w2, b2)
-    h = x.new_empty(x.shape[0], w1.shape[0])
-    return x.new_empty(x.shape[0], w2.shape[0]), h, torch.empty_like(h)
+    return x.new_empty(x.shape[0], w2.shape[0]), *fc1_gelu_fake(x, w1, b1)
 
 
 def _setup(ctx, inputs, output):

@@ -230,35 +230,47 @@ def test_torchrun_launch_matches_deepspeed_launcher(tmp_path, demo_data):
     assert sorted(a) == [1, 2, 3] and a == pytest.approx(b, rel=1e-6)
 
 
-def test_trainer_runs_our_attention_kernel(tmp_path, demo_data):
-    """deepspeed.attention=triton through the trainer on 2 ranks (pixel MIM: a per-sample bias
-    over each sample's visible tokens in the student, one bias for all tokens in the EMA
-    teacher), the kernels in Triton's interpreter: every attention module runs it, and the
-    losses and the trained weights are SDPA's to fp32 rounding (updates at the full learning
-    rate: no warm-up). Two steps of 4 images per rank: the interpreter is slow."""
+def _kernel_vs_reference(tmp_path, args, setting, values, keys):
+    """Trains the same 2-rank run with ``setting`` = each of ``values`` (reference first; the
+    others with Triton's interpreter on) and checks that each run's losses and trained weights
+    (``keys``) are the reference's to fp32 rounding (updates at the full learning rate: no
+    warm-up). Returns the output of the last run."""
     import torch
 
     from itpn.engine.build import build_objective
 
     pytest.importorskip("triton")
-    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=4", "optim.epochs=0.034",
-            "optim.warmup_epochs=0", *PIXEL]
-    runs = {}
-    for impl in ("sdpa", "triton"):
-        env = _env(TRITON_INTERPRET="1") if impl == "triton" else _env()
+    runs, saved = {}, {}
+    for i, value in enumerate(values):
+        env = _env(TRITON_INTERPRET="1") if i else _env()
         proc = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "itpn.cli.pretrain",
-                     f"run_dir={tmp_path / impl}", f"deepspeed.attention={impl}", *args], cwd=ROOT, env=env)
-        runs[impl] = _losses(tmp_path / impl)
-    assert "every attention module runs bias_attention" in proc.stdout + proc.stderr
-    assert sorted(runs["triton"]) == [1, 2]
-    assert runs["triton"] == pytest.approx(runs["sdpa"], rel=1e-5)
-    saved = {impl: torch.load(tmp_path / impl / "weights" / "model.pt", weights_only=False) for impl in runs}
-    torch.manual_seed(saved["sdpa"]["config"]["seed"])  # the runner's initialisation
-    init = build_objective(saved["sdpa"]["config"]).state_dict()
-    for key in ("encoder.blocks.0.attn.relative_position_bias_table", "encoder.blocks.3.attn.qkv.weight"):
-        a, b, w0 = saved["triton"]["model"][key], saved["sdpa"]["model"][key], init[key]
-        assert (b - w0).norm() > 0, key  # trained
-        assert (a - b).norm() < 1e-3 * (b - w0).norm(), key
+                     f"run_dir={tmp_path / value}", f"{setting}={value}", "optim.warmup_epochs=0", *args],
+                    cwd=ROOT, env=env)
+        runs[value] = _losses(tmp_path / value)
+        saved[value] = torch.load(tmp_path / value / "weights" / "model.pt", weights_only=False)
+    ref, *others = values
+    torch.manual_seed(saved[ref]["config"]["seed"])  # the runner's initialisation
+    init = build_objective(saved[ref]["config"]).state_dict()
+    for value in others:
+        assert sorted(runs[value]) == [1, 2]
+        assert runs[value] == pytest.approx(runs[ref], rel=1e-5)
+        for key in keys:
+            a, b, w0 = saved[value]["model"][key], saved[ref]["model"][key], init[key]
+            assert (b - w0).norm() > 0, key  # trained
+            assert (a - b).norm() < 1e-3 * (b - w0).norm(), (value, key)
+    return proc.stdout + proc.stderr
+
+
+def test_trainer_runs_our_attention_kernel(tmp_path, demo_data):
+    """deepspeed.attention=triton through the trainer on 2 ranks (pixel MIM: a per-sample bias
+    over each sample's visible tokens in the student, one bias for all tokens in the EMA
+    teacher), the kernels in Triton's interpreter: every attention module runs it, and the
+    losses and the trained weights are SDPA's. Two steps of 4 images per rank: the interpreter
+    is slow."""
+    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=4", "optim.epochs=0.034", *PIXEL]
+    out = _kernel_vs_reference(tmp_path, args, "deepspeed.attention", ["sdpa", "triton"],
+                               ["encoder.blocks.0.attn.relative_position_bias_table", "encoder.blocks.3.attn.qkv.weight"])
+    assert "every attention module runs bias_attention" in out
 
 
 def test_trainer_fuses_the_mlp_under_zero3(tmp_path, demo_data):
@@ -266,31 +278,14 @@ def test_trainer_fuses_the_mlp_under_zero3(tmp_path, demo_data):
     partitioned parameters gathered around the Mlp's forward and backward as its external
     parameters), fp32, pixel MIM + EMA-MFM (every MLP: C-MLP stages, transformer blocks,
     pyramid, decoder), the kernels in Triton's interpreter: the losses and the trained weights
-    are the separate kernels' to fp32 rounding. Two steps of 2 images per rank: the interpreter is slow."""
-    import torch
-
-    from itpn.engine.build import build_objective
-
-    pytest.importorskip("triton")
+    are the separate kernels'. Two steps of 2 images per rank: the interpreter is slow."""
     args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=2", "optim.epochs=0.017",
-            "optim.warmup_epochs=0", "deepspeed.fragments=[zero3, fp32, clip_grad]", *PIXEL]
-    runs = {}
-    for fused in ("false", "true"):
-        env = _env(TRITON_INTERPRET="1") if fused == "true" else _env()
-        proc = _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "itpn.cli.pretrain",
-                     f"run_dir={tmp_path / fused}", f"deepspeed.fused_mlp={fused}", *args], cwd=ROOT, env=env)
-        runs[fused] = _losses(tmp_path / fused)
-    assert re.search(r"deepspeed.fused_mlp: all \d+ MLPs run fused_mlp", proc.stdout + proc.stderr)
-    assert ", ZeRO-3," in proc.stdout + proc.stderr
-    assert sorted(runs["true"]) == [1, 2]
-    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
-    saved = {f: torch.load(tmp_path / f / "weights" / "model.pt", weights_only=False) for f in runs}
-    torch.manual_seed(saved["false"]["config"]["seed"])  # the runner's initialisation
-    init = build_objective(saved["false"]["config"]).state_dict()
-    for key in ("encoder.blocks.0.mlp.fc1.bias", "encoder.blocks.3.mlp.fc2.weight", "encoder.stage1.0.mlp.fc1.weight"):
-        a, b, w0 = saved["true"]["model"][key], saved["false"]["model"][key], init[key]
-        assert (b - w0).norm() > 0, key  # trained
-        assert (a - b).norm() < 1e-3 * (b - w0).norm(), key
+            "deepspeed.fragments=[zero3, fp32, clip_grad]", *PIXEL]
+    out = _kernel_vs_reference(tmp_path, args, "deepspeed.fused_mlp", ["false", "true"],
+                               ["encoder.blocks.0.mlp.fc1.bias", "encoder.blocks.3.mlp.fc2.weight",
+                                "encoder.stage1.0.mlp.fc1.weight"])
+    assert re.search(r"deepspeed.fused_mlp: all \d+ MLPs run fused_mlp", out)
+    assert ", ZeRO-3," in out
 
 
 @pytest.mark.parametrize("override,message", [

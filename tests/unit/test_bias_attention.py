@@ -3,7 +3,6 @@ kernels in Triton's interpreter (a subprocess, see bias_attention_interpreted.py
 checks, and the Attention module's fallback where the kernel cannot run."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,14 +16,8 @@ from itpn.layers.bias_attention import bias_attention
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_kernels_match_reference_in_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "unit" / "bias_attention_interpreted.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+def test_kernels_match_reference_in_triton_interpreter(run_interpreted):
+    run_interpreted("bias_attention_interpreted.py")
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the non-interpreted CPU path")

@@ -4,7 +4,6 @@ fallback where the kernels cannot run, the engine's switches, and the kernels co
 the H100 ahead of time."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,14 +19,8 @@ NOT_INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                      reason="checks the non-interpreted CPU path")
 
 
-def test_kernels_match_reference_in_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "unit" / "fused_mlp_interpreted.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+def test_kernels_match_reference_in_triton_interpreter(run_interpreted):
+    run_interpreted("fused_mlp_interpreted.py")
 
 
 def _params(dim=16, hidden=64, out=16, dtype=torch.float32):
