@@ -111,7 +111,8 @@ def _fc1_gelu_fwd(X, W, BIAS, H, A, M, N, K, s_xm, s_xk, s_wn, s_wk, s_hm, s_hn,
 def _fc2_dgrad_gelu(DY, W2, H, DH, DB, M, N, K, s_dym, s_dyk, s_wk, s_wn, s_hm, s_hn, s_dbm,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, F32: tl.constexpr):
     # dh = (dy @ w2) * gelu'(h), fc2's input gradient rounded first; the fp32 column sums of
-    # the rounded dh over this row tile into row pid_m of DB (fc1's bias gradient, in parts).
+    # the rounded dh over this row tile into row pid_m of DB (fc1's bias gradient, in parts;
+    # every row tile writes its row, for all columns, so DB needs no zeroing).
     pid_m, rm, rn = _tile(M, N, BM, BN, GROUP)
     da = _matmul(DY, W2, rm, rn, M, N, K, s_dym, s_dyk, s_wk, s_wn, BM, BN, BK, F32)
     da = da.to(DH.dtype.element_ty).to(tl.float32)
@@ -161,12 +162,11 @@ def _kernels(device: torch.device) -> dict:
         def configs(tiles):
             return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                     for bm, bn, bk, w, st in tiles]
-        # Both kernels write every element of their outputs; DB's rows are one per row tile
-        # of the chosen config, so the buffer is sized for the smallest BM and summed whole
-        # (rows a larger BM leaves unwritten are zeroed first: reset_to_zero).
+        # Both kernels write every element of their outputs (DB: the rows of the chosen
+        # config's row tiles, the only ones summed), so trial launches need no reset.
         _TUNED.update(
             fwd=triton.autotune(configs(FWD_CONFIGS), key=["M", "N", "K"])(_fc1_gelu_fwd),
-            dgrad=triton.autotune(configs(DGRAD_CONFIGS), key=["M", "N", "K"], reset_to_zero=["DB"])(_fc2_dgrad_gelu))
+            dgrad=triton.autotune(configs(DGRAD_CONFIGS), key=["M", "N", "K"])(_fc2_dgrad_gelu))
     return _TUNED
 
 
@@ -184,6 +184,12 @@ def _launch(device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
 
 def _min_bm(device: torch.device) -> int:
     return min(c[0] for c in DGRAD_CONFIGS) if device.type == "cuda" else INTERPRETER_TILE[0]
+
+
+def _parts_buffer(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """fp32 room for one bias-gradient row per row tile of the smallest BM; uninitialised: the
+    kernel writes the rows of its own tiles, and only those are summed."""
+    return torch.empty(rows, cols, dtype=torch.float32, device=device)
 
 
 def _tiles(M: int, N: int):
@@ -222,11 +228,13 @@ def _fc2_dgrad_gelu_op(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> t
     M, K = dy.shape
     N = h.shape[1]
     dh = torch.empty_like(h)
-    parts = torch.zeros(triton.cdiv(M, _min_bm(dy.device)), N, dtype=torch.float32, device=dy.device)
+    parts = _parts_buffer(triton.cdiv(M, _min_bm(dy.device)), N, dy.device)
     k, tiles = _launch(dy.device, dy.dtype)
-    k["dgrad"][_tiles(M, N)](dy, w2, h, dh, parts, M, N, K, dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1),
-                             h.stride(0), h.stride(1), parts.stride(0), **tiles)
-    return dh, parts.sum(0)
+    kernel = k["dgrad"]
+    kernel[_tiles(M, N)](dy, w2, h, dh, parts, M, N, K, dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1),
+                         h.stride(0), h.stride(1), parts.stride(0), **tiles)
+    bm = tiles["BM"] if "BM" in tiles else kernel.best_config.kwargs["BM"]  # the autotuner's pick on CUDA
+    return dh, parts[:triton.cdiv(M, bm)].sum(0)
 
 
 _fc2_dgrad_gelu_op.register_fake(dgrad_gelu_fake)
