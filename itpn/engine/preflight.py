@@ -44,21 +44,21 @@ def _check_fp8_device() -> None:
 
 
 def _check_attention(impl) -> None:
-    from ..layers import bias_attention
+    from ..layers import triton_support
     from ..layers.attention import TRAINING_IMPLS
     if impl not in TRAINING_IMPLS:
         names = ", ".join(TRAINING_IMPLS[:-1]) + f" or {TRAINING_IMPLS[-1]}"
         raise ConfigError(f"deepspeed.attention must be {names}, got {impl!r}")
-    if impl == "triton" and not bias_attention.available():
+    if impl == "triton" and not triton_support.available():
         raise ConfigError("deepspeed.attention=triton needs Triton, which this torch build lacks "
                           "(it ships with torch's CUDA builds): set deepspeed.attention=sdpa")
 
 
 def _check_fused_mlp(value) -> None:
-    from ..layers import fused_mlp
+    from ..layers import triton_support
     if not isinstance(value, bool):
         raise ConfigError(f"deepspeed.fused_mlp must be true or false, got {value!r}")
-    if value and not fused_mlp.available():
+    if value and not triton_support.available():
         raise ConfigError("deepspeed.fused_mlp=true needs Triton, which this torch build lacks "
                           "(it ships with torch's CUDA builds): set deepspeed.fused_mlp=false")
 

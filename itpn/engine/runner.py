@@ -340,18 +340,22 @@ def _saved_world_size(path: str) -> int | None:
     return len(files) or None
 
 
+def _log_fallbacks(fallbacks: list[str], warning: str, info: str) -> None:
+    """Warn ``warning`` (with %d for their count) naming the first three modules that fall back
+    from one of our kernels, each with its reason; or log ``info`` if none does."""
+    if fallbacks:
+        more = f" (+{len(fallbacks) - 3} more)" if len(fallbacks) > 3 else ""
+        log.warning(f"{warning}: %s%s", len(fallbacks), "; ".join(fallbacks[:3]), more)
+    else:
+        log.info(info)
+
+
 def _report_attention(model: torch.nn.Module, cfg: dict, device, dtype: torch.dtype) -> None:
     """With deepspeed.attention=triton, say whether every attention module runs our kernel,
     and name those that fall back to SDPA and why (e.g. CPU tensors, fp32, head dim 24)."""
-    if cfg["deepspeed"]["attention"] != "triton":
-        return
-    fallbacks = triton_fallbacks(model, device, dtype)
-    if fallbacks:
-        more = f" (+{len(fallbacks) - 3} more)" if len(fallbacks) > 3 else ""
-        log.warning("deepspeed.attention=triton: %d attention modules fall back to SDPA: %s%s",
-                    len(fallbacks), "; ".join(fallbacks[:3]), more)
-    else:
-        log.info("deepspeed.attention=triton: every attention module runs bias_attention")
+    if cfg["deepspeed"]["attention"] == "triton":
+        _log_fallbacks(triton_fallbacks(model, device, dtype), "deepspeed.attention=triton: %d attention modules "
+                       "fall back to SDPA", "deepspeed.attention=triton: every attention module runs bias_attention")
 
 
 def _block_options(model: torch.nn.Module, cfg: dict, ds_cfg: dict, device, dtype: torch.dtype) -> int:
@@ -366,12 +370,8 @@ def _block_options(model: torch.nn.Module, cfg: dict, ds_cfg: dict, device, dtyp
         return n_ckpt
     mlps = [(name, m) for name, m in model.named_modules() if isinstance(m, Mlp)]
     fallbacks = [f"{name}: {reason}" for name, m in mlps if (reason := m.fused_reason(device, dtype)) is not None]
-    if fallbacks:
-        more = f" (+{len(fallbacks) - 3} more)" if len(fallbacks) > 3 else ""
-        log.warning("deepspeed.fused_mlp: %d of %d MLPs run the separate kernels: %s%s", len(fallbacks), len(mlps),
-                    "; ".join(fallbacks[:3]), more)
-    else:
-        log.info("deepspeed.fused_mlp: all %d MLPs run fused_mlp", len(mlps))
+    _log_fallbacks(fallbacks, f"deepspeed.fused_mlp: %d of {len(mlps)} MLPs run the separate kernels",
+                   f"deepspeed.fused_mlp: all {len(mlps)} MLPs run fused_mlp")
     if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         register_fused_mlp_params(model)
     return n_ckpt

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import device_reason, require, tl, triton
+from .triton_support import available, device_reason, require, tl, triton
 from .triton_support import jit as _jit
 
 _LOG2E = 1.4426950408889634
@@ -50,10 +50,6 @@ INTERPRETER_BLOCK = 16
 #: groups: 7 x 12 x 16 for iTPN-L with 32-wide tiles), few enough partial sums to stay in L2
 #: (29 MB at N = 196).
 BIAS_GROUPS = 16
-
-
-def available() -> bool:
-    return triton is not None
 
 
 @_jit

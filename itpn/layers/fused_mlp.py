@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton_support import device_reason, jit, require, tl, triton
+from .triton_support import available, device_reason, jit, require, tl, triton
 
 #: (BM, BN, BK, warps, stages) per kernel, tried by Triton's autotuner on CUDA once per
 #: (M, N, K). Each config compiles for sm90 without spilling registers
@@ -52,10 +52,6 @@ GROUP_M = 8
 INTERPRETER_TILE = (16, 16, 16)
 #: Every width must be a multiple of this (16-byte aligned rows for the kernels' loads in bf16).
 ALIGN = 8
-
-
-def available() -> bool:
-    return triton is not None
 
 
 @jit
@@ -126,7 +122,7 @@ def _fc2_dgrad_gelu(DY, W2, H, DH, DB, M, N, K, s_dym, s_dyk, s_wk, s_wn, s_hm, 
     tl.store(DB + pid_m * s_dbm + rn, tl.sum(dh.to(tl.float32), axis=0), mask=rn < N)
 
 
-def _head_ok(*widths: int) -> bool:
+def _widths_ok(*widths: int) -> bool:
     return all(w % ALIGN == 0 for w in widths)
 
 
@@ -134,7 +130,7 @@ def unusable_reason(device, dtype: torch.dtype, dim: int, hidden: int, out_dim: 
     """Why ``fused_mlp`` cannot run for these tensors (None: it can): ``device_reason``, and
     widths that are multiples of ALIGN."""
     reason = device_reason(device, dtype)
-    if reason is None and not _head_ok(dim, hidden, out_dim):
+    if reason is None and not _widths_ok(dim, hidden, out_dim):
         reason = f"widths {dim} -> {hidden} -> {out_dim} (multiples of {ALIGN})"
     return reason
 
@@ -149,7 +145,7 @@ def _check(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor
     dtypes = {t.dtype for t in (x, w1, b1, w2, b2)}
     if len(dtypes) != 1:
         raise ValueError(f"fused_mlp: x, weights and biases must share one dtype, got {sorted(map(str, dtypes))}")
-    if not _head_ok(dim, hidden, w2.shape[0]):
+    if not _widths_ok(dim, hidden, w2.shape[0]):
         raise ValueError(f"fused_mlp: widths {dim} -> {hidden} -> {w2.shape[0]} must be multiples of {ALIGN}")
 
 

@@ -52,7 +52,7 @@ def test_attention_falls_back_to_sdpa_where_the_kernel_cannot_run():
 def test_preflight_checks_the_attention_setting(tmp_path, monkeypatch):
     from itpn.engine.config import ConfigError, load_config
     from itpn.engine.preflight import preflight
-    from itpn.layers import bias_attention as module
+    from itpn.layers import triton_support as module
     (tmp_path / "manifest.json").write_text("{}")
     cfg = load_config("demo", [f"data.train={tmp_path}", "deepspeed.attention=fused"])
     with pytest.raises(ConfigError, match="deepspeed.attention must be sdpa, triton or flex, got 'fused'"):

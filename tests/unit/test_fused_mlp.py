@@ -12,6 +12,7 @@ import torch
 
 from itpn.layers import Mlp
 from itpn.layers import fused_mlp as module
+from itpn.layers import triton_support
 from itpn.layers.fused_mlp import fused_mlp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ def test_preflight_checks_the_setting(tmp_path, monkeypatch):
     cfg["deepspeed"]["fused_mlp"] = True
     if module.available():
         preflight(cfg, 1)
-    monkeypatch.setattr(module, "triton", None)
+    monkeypatch.setattr(triton_support, "triton", None)
     with pytest.raises(ConfigError, match="deepspeed.fused_mlp=true needs Triton"):
         preflight(cfg, 1)
 
