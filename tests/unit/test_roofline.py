@@ -4,6 +4,7 @@ compiled blocks counted as moving fewer bytes than their eager ops."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
@@ -159,3 +160,75 @@ def test_cli_prints_the_table(capsys):
     main(["--recipe", "tiny", "--batch", "2", "--top", "3"])
     out = capsys.readouterr().out
     assert "encoder.blocks" in out and "student, all" in out and "optimizer" in out
+
+
+def test_cuda_codegen_counts_the_triton_kernels_inductor_writes_for_an_sm90_gpu():
+    """Inductor's CUDA lowering without a GPU: the kernels are Triton source for cc 90, their
+    bytes are the hand count, and the graph itself runs uncompiled on the CPU."""
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+    from itpn.cli.cuda_codegen import counting_bytes, cuda_backend
+    graphs, kernels = [], {}
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+
+    def f(x, w):
+        return F.gelu(x @ w).sum(-1)
+    torch._dynamo.reset()
+    with counting_bytes():
+        y = torch.compile(f, backend=cuda_backend(graphs, kernels))(x, w)
+    torch._dynamo.reset()
+    assert torch.equal(y, f(x, w))
+    assert len(graphs) == 2  # forward, and the backward lowered with it
+    h, out = 4 * 16 * 32 * 2, 4 * 16 * 2  # bf16 bytes of x @ w and of the sum
+    kernel_bytes = [[b for node, b in g if not isinstance(node, ExternKernelSchedulerNode)] for g in graphs]
+    # forward: the GEMM is extern; one kernel reads h, applies GELU, writes the row sums.
+    # backward: one kernel reads the sums' gradient and h, writes GELU's input gradient.
+    assert kernel_bytes == [[h + out], [out + h + h]]
+    assert len(kernels) == 2 and all(name.startswith("triton_") for name in kernels)
+    assert all("@triton.jit" in src and "cc=90" in src for src in kernels.values())
+
+
+def test_pretend_cuda_undoes_every_patch():
+    from torch._dynamo.device_interface import CudaInterface
+    from torch._inductor.async_compile import AsyncCompile
+    from triton.runtime.driver import driver
+
+    from itpn.cli.cuda_codegen import H100, pretend_cuda
+    before = (torch.cuda.is_available(), torch.cuda.get_device_properties, dict(CudaInterface.__dict__),
+              AsyncCompile.__dict__["triton"], driver._active)
+    with pretend_cuda():
+        assert torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+        assert CudaInterface.get_device_properties(0) is H100
+        assert driver.active.get_current_target().arch == 90
+    after = (torch.cuda.is_available(), torch.cuda.get_device_properties, dict(CudaInterface.__dict__),
+             AsyncCompile.__dict__["triton"], driver._active)
+    assert after == before
+
+
+def test_compiled_bytes_do_not_depend_on_the_order_of_the_signatures(tmp_path):
+    """Inductor lowers the first graph in which it meets a custom op differently from later
+    ones; the roofline counts the later lowering for every signature. Run in a fresh process,
+    where our ops and the stand-ins have not been met yet."""
+    import subprocess
+    import sys
+    script = tmp_path / "order.py"
+    script.write_text(
+        "import torch\n"
+        "from itpn.cli.roofline import _signature, compiled_block_bytes\n"
+        "from itpn.layers import Block, relative_position_index\n"
+        "calls = {}\n"
+        "for heads in (0, 2):\n"
+        "    with torch.device('meta'):\n"
+        "        block = Block(64, heads, 4.0, drop_path=0.1, layer_scale=0.1, rel_pos_grid=4 if heads else None)\n"
+        "    block = block.to(torch.bfloat16).train()\n"
+        "    args = (torch.empty(2, 16, 64, device='meta', dtype=torch.bfloat16),)\n"
+        "    args += (relative_position_index(4, device='meta'), (4, 4)) if heads else (None, None)\n"
+        "    calls[_signature(block, args)] = (block, args)\n"
+        "first = compiled_block_bytes(calls, 'triton', 'fused')\n"
+        "second = compiled_block_bytes(dict(reversed(list(calls.items()))), 'triton', 'fused')\n"
+        "print('BYTES', sorted(first.values()), sorted(second.values()))\n"
+        "assert first == second, (first, second)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "BYTES" in proc.stdout
