@@ -171,17 +171,29 @@ def lower_for_cuda(graph: torch.fx.GraphModule, example_inputs, kernels: dict | 
         return [(node, 4 * n) for node, n in metrics.nodes_num_elem[start:]]
 
 
-def cuda_backend(record: list, kernels: dict | None = None):
+def _empty_outputs(graph: torch.fx.GraphModule):
+    """A stand-in for ``graph`` that returns uninitialised tensors of its outputs' shapes."""
+    (outputs,) = [node.args[0] for node in graph.graph.nodes if node.op == "output"]
+    metas = [node.meta.get("val") if isinstance(node, torch.fx.Node) else node for node in outputs]
+
+    def run(*args):
+        return tuple(torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=m.device)
+                     if isinstance(m, torch.Tensor) else m for m in metas)
+    return run
+
+
+def cuda_backend(record: list, kernels: dict | None = None, execute: bool = True):
     """A dynamo backend that appends, per compiled graph (forward, then backward), inductor's
-    CUDA scheduler nodes with their bytes to ``record`` and runs the graph uncompiled.
-    Bytes are counted inside ``counting_bytes()`` only."""
+    CUDA scheduler nodes with their bytes to ``record``, and runs the graph uncompiled on the
+    CPU (``execute``) or returns uninitialised outputs of the right shapes (for counting at a
+    batch the CPU need not compute). Bytes are counted inside ``counting_bytes()`` only."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     def inner(graph, example_inputs, **kwargs):
         record.append(lower_for_cuda(graph, example_inputs, kernels, **kwargs))
-        return graph.forward
+        return graph.forward if execute else _empty_outputs(graph)
 
     def backend(graph, example_inputs):
         with functorch_config.patch(force_non_lazy_backward_lowering=True), \

@@ -380,57 +380,112 @@ def _signature(block: Block, args: tuple) -> tuple:
     return params, shapes, block.drop_path.enabled
 
 
-def compiled_block_bytes(calls: dict, attention: str = "sdpa", mlp: str = "separate", target: str = "cuda") -> dict:
+def _node_ops(node) -> str:
+    """The ATen ops an inductor scheduler node was lowered from (a fused kernel: all of them)."""
+    names = set()
+    for sub in node.get_nodes():
+        for origin in getattr(sub.node, "origins", ()):
+            if origin.op == "call_function":
+                target = origin.target
+                names.add(target._overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else str(target))
+    return ",".join(sorted(names))
+
+
+def _compiled_nodes(block: Block, args: tuple, batch: int, target: str) -> list:
+    """(phase, scheduler node, bytes) of the block compiled at ``batch``, forward then backward;
+    call inside ``counting_bytes()``. For "cuda" nothing runs (the graphs are lowered and their
+    outputs are uninitialised tensors), so any batch costs the same; "cpu" runs the kernels."""
+    import torch._inductor.metrics as metrics
+
+    make = torch.empty if target == "cuda" else torch.randn
+    x = make(batch, *args[0].shape[1:], dtype=torch.bfloat16, requires_grad=True)
+    rest = [torch.randint(0, 2, a.shape) if isinstance(a, torch.Tensor) else a for a in args[1:]]
+    if rest and isinstance(rest[0], torch.Tensor) and rest[0].ndim == 3:
+        rest[0] = torch.zeros(batch, *rest[0].shape[1:], dtype=torch.long)
+    torch._dynamo.reset()
+    if target == "cuda":  # forward and backward are lowered when dynamo compiles
+        graphs = []
+        torch.compile(Block._forward, dynamic=False, backend=cuda_backend(graphs, execute=False))(block, x, *rest)
+        return [(phase, node, n) for phase, graph in zip(("forward", "backward"), graphs) for node, n in graph]
+    metrics.reset()
+    y = torch.compile(Block._forward, dynamic=False)(block, x, *rest)
+    forward = len(metrics.nodes_num_elem)
+    y.backward(torch.ones_like(y))
+    return [("forward" if i < forward else "backward", node, 4 * n) for i, (node, n) in enumerate(metrics.nodes_num_elem)]
+
+
+def _kernel_bytes(nodes: list) -> int:
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+    return sum(n for _, node, n in nodes if not isinstance(node, ExternKernelSchedulerNode))
+
+
+@contextlib.contextmanager
+def _compiling(attention: str):
+    import torch._inductor.config as inductor_config
+    with counting_bytes(), _attention_context(attention, compiled=True), fused_mlp_everywhere(stand_in=True), \
+            inductor_config.patch(fx_graph_cache=False):
+        try:
+            yield
+        finally:
+            torch._dynamo.reset()
+
+
+def _cpu_block(meta_block: Block, mlp: str) -> Block:
+    block = copy.deepcopy(meta_block).to_empty(device="cpu").to(torch.bfloat16)
+    block.mlp.fused = mlp == "fused"
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+        block.drop_path.keep.fill_(0.9)
+    return block.train()
+
+
+# Not counted, in both functions below: the first compile of each signature. Inductor registers
+# a fallback lowering for each custom op (our kernels, the stand-ins) the first time it meets
+# one, and lowers that first graph differently (in an iTPN-L stage-3 block, fc2's output
+# gradient written twice). Counted is the lowering of every later graph with the same ops, so
+# the count does not depend on the order in which the signatures come.
+
+def compiled_block_bytes(calls: dict, attention: str = "sdpa", mlp: str = "separate", target: str = "cuda",
+                         batch: int = 128) -> dict:
     """Per block signature: non-extern bytes per image of the compiled block's forward +
     backward, from inductor's own count. ``calls``: signature -> (meta block, args);
     ``attention``: "sdpa" (SDPA's memory-efficient kernel) or "triton" (bias_attention);
     ``mlp``: "separate" or "fused" (fused_mlp, an extern call: its epilogues count with its GEMMs);
-    ``target``: whose code generation decides the kernels, "cuda" (inductor's Triton kernels for
-    an sm90 GPU, generated without one: ``itpn.cli.cuda_codegen``) or "cpu" (its C++ kernels)."""
-    import torch._inductor.config as inductor_config
-    import torch._inductor.metrics as metrics
-    from torch._inductor.scheduler import ExternKernelSchedulerNode
-
-    def block_bytes(block, args, b):
-        x = torch.randn(b, *args[0].shape[1:], dtype=torch.bfloat16, requires_grad=True)
-        rest = [torch.randint(0, 2, a.shape) if isinstance(a, torch.Tensor) else a for a in args[1:]]
-        if rest and isinstance(rest[0], torch.Tensor) and rest[0].ndim == 3:
-            rest[0] = torch.zeros(b, *rest[0].shape[1:], dtype=torch.long)
-        torch._dynamo.reset()
-        if target == "cuda":  # forward and backward are lowered when dynamo compiles
-            graphs = []
-            torch.compile(Block._forward, dynamic=False, backend=cuda_backend(graphs))(block, x, *rest)
-            nodes = [item for graph in graphs for item in graph]
-        else:
-            metrics.reset()
-            y = torch.compile(Block._forward, dynamic=False)(block, x, *rest)
-            y.backward(torch.ones_like(y))
-            nodes = [(node, 4 * n) for node, n in metrics.nodes_num_elem]
-        return sum(n for node, n in nodes if not isinstance(node, ExternKernelSchedulerNode))
-
+    ``target``: whose code generation decides the kernels: "cuda", inductor's Triton kernels for
+    an sm90 GPU (generated without one, ``itpn.cli.cuda_codegen``) at ``batch``, divided by it
+    (the weights' share included); or "cpu", its C++ kernels, which run, so the count is the
+    slope between batch 2 and 4 (per-image bytes only)."""
     out = {}
-    with counting_bytes(), _attention_context(attention, compiled=True), fused_mlp_everywhere(stand_in=True), \
-            inductor_config.patch(fx_graph_cache=False):
-        blocks = {}
-        for sig, (meta_block, args) in calls.items():
-            block = copy.deepcopy(meta_block).to_empty(device="cpu").to(torch.bfloat16)
-            block.mlp.fused = mlp == "fused"
-            with torch.no_grad():
-                for p in block.parameters():
-                    p.normal_(0, 0.02)
-                block.drop_path.keep.fill_(0.9)
-            blocks[sig] = block.train()
-            # Not counted: inductor registers a fallback lowering for each custom op (our
-            # kernels, the stand-ins) the first time it meets one, and lowers that first
-            # graph differently (in an iTPN-L stage-3 block, fc2's output gradient written
-            # twice). Counted is the lowering of every later graph with the same ops, so
-            # the count does not depend on the order in which the signatures come.
-            block_bytes(block, args, 2)
+    with _compiling(attention):
+        blocks = {sig: _cpu_block(meta_block, mlp) for sig, (meta_block, _) in calls.items()}
         for sig, (_, args) in calls.items():
-            small, large = (block_bytes(blocks[sig], args, b) for b in (2, 4))
-            out[sig] = (large - small) / 2
-        torch._dynamo.reset()
+            _compiled_nodes(blocks[sig], args, 2, target)
+        for sig, (_, args) in calls.items():
+            if target == "cuda":
+                out[sig] = _kernel_bytes(_compiled_nodes(blocks[sig], args, batch, target)) / batch
+            else:
+                small, large = (_kernel_bytes(_compiled_nodes(blocks[sig], args, b, target)) for b in (2, 4))
+                out[sig] = (large - small) / 2
     return out
+
+
+def block_kernels(meta_block: Block, args: tuple, attention: str = "sdpa", mlp: str = "separate",
+                  target: str = "cuda", batch: int = 128) -> list:
+    """The compiled block's kernels in order, (phase, kind, bytes per image, ATen ops) with kind
+    "pointwise", "reduction" or "extern" (GEMMs, attention, our kernels: bytes not counted),
+    compiled at ``batch`` (bytes / batch, the weights' share included)."""
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+    with _compiling(attention):
+        block = _cpu_block(meta_block, mlp)
+        _compiled_nodes(block, args, 2, target)
+        nodes = _compiled_nodes(block, args, batch, target)
+    rows = []
+    for phase, node, n in nodes:
+        extern = isinstance(node, ExternKernelSchedulerNode)
+        kind = "extern" if extern else "reduction" if node.is_reduction() else "pointwise"
+        rows.append((phase, kind, 0.0 if extern else n / batch, _node_ops(node)))
+    return rows
 
 
 def group_of(module: str) -> str:
@@ -500,6 +555,28 @@ def summarise(rows, peak: float, bandwidth: float, compiled: dict | None = None)
     return table
 
 
+def print_block_kernels(info: dict, args) -> None:
+    calls = {name: (block, block_args) for name, block, block_args in reversed(info["block_calls"])}
+    if args.kernels not in calls:
+        raise SystemExit(f"--kernels {args.kernels}: no such block in recipe {args.recipe}; blocks: "
+                         + ", ".join(sorted(calls)))
+    block, block_args = calls[args.kernels]
+    batch = args.batch if args.codegen == "cuda" else 4  # the CPU's kernels run
+    kernels = block_kernels(block, block_args, args.attention, args.mlp, args.codegen, batch)
+    print(f"{info['root']}.{args.kernels} compiled ({args.codegen} kernels, attention {args.attention}, "
+          f"MLP {args.mlp}) at batch {batch}: MB per image (the weights' share included); extern calls' "
+          "bytes are counted elsewhere")
+    for phase, kind, nbytes, ops in kernels:
+        print(f"  {phase:8s} {kind:9s} {'' if kind == 'extern' else f'{nbytes / 1e6:7.3f}':>7s}  {ops}")
+    for phase in ("forward", "backward"):
+        by_kind = defaultdict(float)
+        for ph, kind, nbytes, _ in kernels:
+            if ph == phase:
+                by_kind[kind] += nbytes
+        print(f"  {phase} total {sum(by_kind.values()) / 1e6:.3f} MB (pointwise {by_kind['pointwise'] / 1e6:.3f}, "
+              f"reductions {by_kind['reduction'] / 1e6:.3f})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="clip_l")
@@ -516,9 +593,15 @@ def main(argv=None) -> None:
     p.add_argument("--codegen", choices=["cuda", "cpu"], default="cuda",
                    help="with --compiled: count the kernels inductor generates for an sm90 GPU (without one) "
                         "or for the CPU")
+    p.add_argument("--kernels", metavar="BLOCK",
+                   help="instead of the table: the compiled kernels of one block (e.g. encoder.blocks.0) "
+                        "with their bytes per image")
     args = p.parse_args(argv)
     peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12
     rows, info = record_step(args.recipe, args.batch, args.attention, args.mlp)
+    if args.kernels:
+        print_block_kernels(info, args)
+        return
     compiled = None
     if args.compiled:
         calls, names = {}, defaultdict(list)  # signature -> (first block, its args); -> qualified names
@@ -527,7 +610,7 @@ def main(argv=None) -> None:
             calls.setdefault(sig, (block, block_args))
             names[sig].append(f"{info['root']}.{name}")
         try:
-            per_image = compiled_block_bytes(calls, args.attention, args.mlp, args.codegen)
+            per_image = compiled_block_bytes(calls, args.attention, args.mlp, args.codegen, args.batch)
         except Exception as e:  # inductor internals moved (itpn/cli/cuda_codegen.py): say so, count the CPU's
             if args.codegen != "cuda":
                 raise
@@ -536,8 +619,9 @@ def main(argv=None) -> None:
             args.codegen = "cpu"
             per_image = compiled_block_bytes(calls, args.attention, args.mlp, "cpu")
         compiled = {name: per_image[sig] * args.batch for sig in calls for name in names[sig]}
-        print(f"{len(calls)} block signatures compiled (inductor, {args.codegen.upper()} kernels) for {len(compiled)} block calls; "
-              "non-GEMM MB per image and call, eager (bytes / batch) -> compiled (slope, batch 2 to 4):")
+        how = f"at batch {args.batch}" if args.codegen == "cuda" else "slope, batch 2 to 4"
+        print(f"{len(calls)} block signatures compiled (inductor, {args.codegen.upper()} kernels) for {len(compiled)} "
+              f"block calls; non-GEMM MB per image and call, eager (bytes / batch) -> compiled ({how}):")
         for sig in calls:
             first = names[sig][0]
             eager = sum(r[5] for r in rows if r[2] == "other" and in_compiled(r[0], [first]))
