@@ -20,11 +20,14 @@ rows do not change. It is a model: it counts no launch gaps, no kernel inefficie
 
 ``--compiled`` replaces the eager bytes of every block (the trainer's regional compilation)
 by the bytes of the kernels inductor generates for it, counted by inductor itself
-(``Scheduler`` nodes other than extern GEMM / attention calls). Those are CPU kernels:
-the block is compiled and run on the CPU at batch 2 and 4 (the slope is per image; attention
-is an opaque op there, so its math-path scores are not counted, with its output and gradients
-in the layout CUDA's kernel gives them), and inductor's CPU fusion decisions stand in for its
-GPU ones.
+(``Scheduler`` nodes other than extern GEMM / attention calls). By default (``--codegen
+cuda``) those are the Triton kernels inductor generates for an sm90 GPU, without one
+(``itpn/cli/cuda_codegen.py``): each block signature is traced on the CPU and its forward and
+backward are lowered for CUDA at the recipe's batch, nothing runs, and bytes / batch is the
+count per image (the weights' share included). ``--codegen cpu`` counts inductor's C++ kernels
+instead, compiled and run at batch 2 and 4 (the slope is per image). Attention is an opaque
+op either way, so its math-path scores are not counted, with its output and gradients in the
+layout CUDA's kernel gives them. ``--kernels BLOCK`` lists one block's compiled kernels.
 
 ``--attention triton`` counts attention as our kernel (``itpn/layers/bias_attention.py``) runs
 it: one op reading q, k, v inside qkv and the (H, N, N) fp32 bias, writing (B, N, H, d) and
@@ -32,7 +35,8 @@ the log-sum-exp; its backward writes the (B, N, 3, H, d) qkv gradient and the bi
 (FLOPs as torch counts SDPA's: 4 B H N^2 d forward, 8 backward).
 
     itpn-roofline --recipe clip_l --batch 128 [--peak 791] [--bandwidth 3.35] [--compiled]
-                  [--attention sdpa|triton]
+                  [--attention sdpa|triton] [--mlp separate|fused] [--codegen cuda|cpu]
+                  [--kernels encoder.blocks.0]
     (= python benchmarks/roofline.py ...)
 """
 
@@ -411,7 +415,8 @@ def _compiled_nodes(block: Block, args: tuple, batch: int, target: str) -> list:
     y = torch.compile(Block._forward, dynamic=False)(block, x, *rest)
     forward = len(metrics.nodes_num_elem)
     y.backward(torch.ones_like(y))
-    return [("forward" if i < forward else "backward", node, 4 * n) for i, (node, n) in enumerate(metrics.nodes_num_elem)]
+    return [("forward" if i < forward else "backward", node, 4 * n)
+            for i, (node, n) in enumerate(metrics.nodes_num_elem)]
 
 
 def _kernel_bytes(nodes: list) -> int:
@@ -629,7 +634,8 @@ def main(argv=None) -> None:
                   f"{per_image[sig] / 1e6:8.2f}")
     table = summarise(rows, peak, bandwidth, compiled=compiled)
     print(f"recipe {args.recipe}, batch {args.batch}, bf16 weights and activations, folded layer scale, "
-          f"{f'compiled blocks ({args.codegen} kernels)' if compiled else 'eager'}, attention {args.attention}, MLP {args.mlp}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
+          f"{f'compiled blocks ({args.codegen} kernels)' if compiled else 'eager'}, attention {args.attention}, "
+          f"MLP {args.mlp}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
     print(f"{'part':22s} {'GEMM GFLOP':>11s} {'GEMM ms':>8s} {'attn ms':>8s} {'other GB':>9s} {'other ms':>9s} "
           f"{'total ms':>9s}")
     totals = defaultdict(float)
