@@ -501,21 +501,44 @@ def group_of(module: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "encoder" and len(parts) > 1 else parts[0]
 
 
-def record_step(recipe: str, batch: int, attention: str = "sdpa", mlp: str = "separate") -> tuple[list, dict]:
-    """Rows (module, phase, kind, op, FLOPs, bytes) of one forward + backward at ``batch``,
-    and the parameter count, the root's class name and every Block call (name, block, args).
-    ``mlp="fused"``: every MLP as fused_mlp runs it."""
+def _objective(recipe: str, batch: int, mlp: str, device: str) -> tuple:
+    """The recipe's objective as the trainer runs it under DeepSpeed bf16 (bf16 weights, folded
+    layer scale), its inputs at ``batch`` and the forward's keyword arguments (the teacher's
+    targets for CLIP-MFM); on ``device`` "meta", or "cpu" with uninitialised weights."""
     cfg = load_recipe(recipe)
     clip = cfg["objective"]["kind"] == "clip"
     teacher_dim = target_width(cfg["teacher"]["arch"]) if clip else 0
     cfg["objective"]["teacher_dim"] = teacher_dim
     with torch.device("meta"):
-        model = build_objective(cfg).to(torch.bfloat16).train()
+        model = build_objective(cfg)
+    model = (model if device == "meta" else model.to_empty(device=device)).to(torch.bfloat16).train()
     apply_block_options(model, 0, False, False, fold_layer_scale=True, fused_mlp=mlp == "fused")
-    x, mask, _ = make_batch(cfg, batch, "meta")
+    x, mask, _ = make_batch(cfg, batch, device)
     kwargs = {}
     if clip:
-        kwargs["targets"] = torch.empty(batch, mask.shape[1], teacher_dim, device="meta", dtype=torch.bfloat16)
+        kwargs["targets"] = torch.empty(batch, mask.shape[1], teacher_dim, device=device, dtype=torch.bfloat16)
+    return model, (x.to(torch.bfloat16), mask), kwargs
+
+
+def whole_objective_bytes(recipe: str, batch: int, attention: str = "sdpa", mlp: str = "separate") -> tuple:
+    """Non-extern bytes of the objective's forward + backward compiled as one graph (the
+    trainer's ``compile_whole``, the benchmark's ``compile_model``), as inductor's kernels for an
+    sm90 GPU move them at ``batch``, and the number of graphs dynamo made. Nothing runs; the
+    lowering takes ~2 minutes for iTPN-L."""
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+    model, inputs, kwargs = _objective(recipe, batch, mlp, "cpu")
+    graphs = []
+    with _compiling(attention):
+        torch.compile(model, dynamic=False, backend=cuda_backend(graphs, execute=False))(*inputs, **kwargs)
+    return sum(n for graph in graphs for node, n in graph if not isinstance(node, ExternKernelSchedulerNode)), \
+        len(graphs)
+
+
+def record_step(recipe: str, batch: int, attention: str = "sdpa", mlp: str = "separate") -> tuple[list, dict]:
+    """Rows (module, phase, kind, op, FLOPs, bytes) of one forward + backward at ``batch``,
+    and the parameter count, the root's class name and every Block call (name, block, args).
+    ``mlp="fused"``: every MLP as fused_mlp runs it."""
+    model, (x, mask), kwargs = _objective(recipe, batch, mlp, "meta")
     tracker = ModuleTracker()
     recorder = OpRecorder(tracker)
     block_calls = []
@@ -527,7 +550,7 @@ def record_step(recipe: str, batch: int, attention: str = "sdpa", mlp: str = "se
              for m in model.modules() if isinstance(m, Block)]
     with _attention_context(attention, compiled=False), fused_mlp_everywhere(), tracker, NodeTagger(tracker), \
             recorder:
-        model(x.to(torch.bfloat16), mask, **kwargs)["loss"].backward()
+        model(x, mask, **kwargs)["loss"].backward()
     for h in hooks:
         h.remove()
     n_params = sum(p.numel() for p in model.parameters())
@@ -598,6 +621,9 @@ def main(argv=None) -> None:
     p.add_argument("--codegen", choices=["cuda", "cpu"], default="cuda",
                    help="with --compiled: count the kernels inductor generates for an sm90 GPU (without one) "
                         "or for the CPU")
+    p.add_argument("--whole", action="store_true",
+                   help="count the objective compiled as one graph (compile_model) instead of per block: "
+                        "inductor's GPU kernels; the non-GEMM bytes are then one row, (objective)")
     p.add_argument("--kernels", metavar="BLOCK",
                    help="instead of the table: the compiled kernels of one block (e.g. encoder.blocks.0) "
                         "with their bytes per image")
@@ -608,7 +634,12 @@ def main(argv=None) -> None:
         print_block_kernels(info, args)
         return
     compiled = None
-    if args.compiled:
+    if args.whole:
+        nbytes, graphs = whole_objective_bytes(args.recipe, args.batch, args.attention, args.mlp)
+        compiled = {info["root"]: nbytes}
+        print(f"{info['root']} compiled whole (inductor, CUDA kernels, {graphs} graphs with the backward's): "
+              f"{nbytes / 1e9:.1f} GB of non-GEMM traffic, {nbytes / args.batch / 1e6:.2f} MB per image")
+    elif args.compiled:
         calls, names = {}, defaultdict(list)  # signature -> (first block, its args); -> qualified names
         for name, block, block_args in info["block_calls"]:
             sig = _signature(block, block_args)
@@ -633,8 +664,10 @@ def main(argv=None) -> None:
             print(f"  {first:40s} x{len(names[sig]):<3d} {eager / args.batch / 1e6:8.2f} -> "
                   f"{per_image[sig] / 1e6:8.2f}")
     table = summarise(rows, peak, bandwidth, compiled=compiled)
+    mode = ("objective compiled whole (cuda kernels)" if args.whole else
+            f"compiled blocks ({args.codegen} kernels)" if compiled else "eager")
     print(f"recipe {args.recipe}, batch {args.batch}, bf16 weights and activations, folded layer scale, "
-          f"{f'compiled blocks ({args.codegen} kernels)' if compiled else 'eager'}, attention {args.attention}, "
+          f"{mode}, attention {args.attention}, "
           f"MLP {args.mlp}; bounds at {args.peak:g} TFLOP/s and {args.bandwidth:g} TB/s")
     print(f"{'part':22s} {'GEMM GFLOP':>11s} {'GEMM ms':>8s} {'attn ms':>8s} {'other GB':>9s} {'other ms':>9s} "
           f"{'total ms':>9s}")

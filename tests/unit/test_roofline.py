@@ -12,7 +12,7 @@ from torch.utils.module_tracker import ModuleTracker
 from itpn.cli.bench import load_recipe, make_batch
 from itpn.cli.roofline import (NodeTagger, OpRecorder, _signature, block_kernels, compiled_block_bytes,
                                efficient_attention, fused_mlp_everywhere, main, record_step, summarise, touched_bytes,
-                               triton_attention)
+                               triton_attention, whole_objective_bytes)
 from itpn.engine.build import build_objective
 from itpn.layers import Block, attention_impl, relative_position_index
 from itpn.objectives.clip_teacher import target_width
@@ -251,3 +251,11 @@ def test_block_kernels_add_up_to_the_blocks_compiled_bytes(capsys):
     main(["--recipe", "tiny", "--batch", "2", "--kernels", "encoder.blocks.0"])
     out = capsys.readouterr().out
     assert "backward total" in out and "reduction" in out
+
+
+def test_the_whole_objective_lowers_as_one_graph_and_moves_fewer_bytes_than_eager():
+    rows, _ = record_step("tiny", 4)
+    eager = sum(r[5] for r in rows if r[2] == "other")
+    nbytes, graphs = whole_objective_bytes("tiny", 4)
+    assert graphs == 2  # forward and backward: no graph break
+    assert 0 < nbytes < eager
