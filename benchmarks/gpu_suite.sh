@@ -57,7 +57,7 @@ case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loa
     "$PY" benchmarks/bench_attention.py ;;
   clip_l)
     bench --recipe clip_l --batch 128 --steps 10 --profile "$OUT/profile_clip_l_compile.txt"
-    bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model
+    bench --recipe clip_l --batch 128 --steps 10 --ladder compile_model mlp_model
     bench --recipe clip_l --batch 128 --steps 10 --ladder fused fold --zero zero1 \
       --profile "$OUT/profile_clip_l_compile_zero1.txt" ;;
   memory)  # every probe recompiles (static shapes): start near the known answer (192 fits, 65 GiB)

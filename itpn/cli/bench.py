@@ -22,6 +22,10 @@ settings so that every speed-up is a ratio measured in the same run:
     triton   + attention through our Triton kernel (bias_attention.py: q, k, v read inside
              qkv, their gradients written in its layout, the bias gradient summed over the
              batch without atomics); not default until measured on a GPU
+    mlp      triton + the MLPs fused into Triton GEMM epilogues (fused_mlp.py: GELU, and fc1's
+             bias gradient); not default until measured on a GPU
+    mlp_model  mlp with the whole objective and the teacher compiled instead of the blocks
+             (the roofline's --whole counts what that fusion scope saves); not default
     flex_autotune  flex with both FlexAttention kernels (forward and backward block sizes)
              and the GEMMs autotuned (max-autotune-no-cudagraphs); not default
     fp8      fold + FP8 matmuls (tensorwise scales) in the transformer blocks' linears;
@@ -96,6 +100,7 @@ LADDER = {
     "flex_autotune": dict(attn="flex", dtype="bf16", fused=True, compile="blocks", fold=True,
                           compile_options={"mode": "max-autotune-no-cudagraphs"}),
     "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model", fold=True),
+    "mlp_model": dict(attn="triton", dtype="bf16", fused=True, compile="model", fold=True, mlp=True),
     "compile_autotune": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True,
                              compile_options={"mode": "max-autotune-no-cudagraphs"}),
 }
