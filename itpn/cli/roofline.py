@@ -395,10 +395,12 @@ def _node_ops(node) -> str:
     return ",".join(sorted(names))
 
 
-def _compiled_nodes(block: Block, args: tuple, batch: int, target: str) -> list:
+def _compiled_nodes(block: Block, args: tuple, batch: int, target: str, regions: str = "block") -> list:
     """(phase, scheduler node, bytes) of the block compiled at ``batch``, forward then backward;
     call inside ``counting_bytes()``. For "cuda" nothing runs (the graphs are lowered and their
-    outputs are uninitialised tensors), so any batch costs the same; "cpu" runs the kernels."""
+    outputs are uninitialised tensors), so any batch costs the same; "cpu" runs the kernels.
+    ``regions="branch"`` (cuda only): a transformer block as two compiled regions, one per
+    residual branch, instead of the trainer's one."""
     import torch._inductor.metrics as metrics
 
     make = torch.empty if target == "cuda" else torch.randn
@@ -409,8 +411,15 @@ def _compiled_nodes(block: Block, args: tuple, batch: int, target: str) -> list:
     torch._dynamo.reset()
     if target == "cuda":  # forward and backward are lowered when dynamo compiles
         graphs = []
-        torch.compile(Block._forward, dynamic=False, backend=cuda_backend(graphs, execute=False))(block, x, *rest)
-        return [(phase, node, n) for phase, graph in zip(("forward", "backward"), graphs) for node, n in graph]
+        parts = [(Block._forward, (x, *rest))]
+        if regions == "branch" and block.has_attn:
+            parts = [(Block._attention_residual, (x, *rest)), (Block._mlp_residual, (x,))]
+        for fn, inputs in parts:
+            torch.compile(fn, dynamic=False, backend=cuda_backend(graphs, execute=False))(block, *inputs)
+        phases = ("forward", "backward") * len(parts)
+        return [(phase, node, n) for phase, graph in zip(phases, graphs) for node, n in graph]
+    if regions != "block":
+        raise ValueError(f"regions={regions!r} is counted with --codegen cuda only")
     metrics.reset()
     y = torch.compile(Block._forward, dynamic=False)(block, x, *rest)
     forward = len(metrics.nodes_num_elem)
@@ -452,7 +461,7 @@ def _cpu_block(meta_block: Block, mlp: str) -> Block:
 # the count does not depend on the order in which the signatures come.
 
 def compiled_block_bytes(calls: dict, attention: str = "sdpa", mlp: str = "separate", target: str = "cuda",
-                         batch: int = 128) -> dict:
+                         batch: int = 128, regions: str = "block") -> dict:
     """Per block signature: non-extern bytes per image of the compiled block's forward +
     backward, from inductor's own count. ``calls``: signature -> (meta block, args);
     ``attention``: "sdpa" (SDPA's memory-efficient kernel) or "triton" (bias_attention);
@@ -460,15 +469,15 @@ def compiled_block_bytes(calls: dict, attention: str = "sdpa", mlp: str = "separ
     ``target``: whose code generation decides the kernels: "cuda", inductor's Triton kernels for
     an sm90 GPU (generated without one, ``itpn.cli.cuda_codegen``) at ``batch``, divided by it
     (the weights' share included); or "cpu", its C++ kernels, which run, so the count is the
-    slope between batch 2 and 4 (per-image bytes only)."""
+    slope between batch 2 and 4 (per-image bytes only). ``regions``: as in ``_compiled_nodes``."""
     out = {}
     with _compiling(attention):
         blocks = {sig: _cpu_block(meta_block, mlp) for sig, (meta_block, _) in calls.items()}
         for sig, (_, args) in calls.items():
-            _compiled_nodes(blocks[sig], args, 2, target)
+            _compiled_nodes(blocks[sig], args, 2, target, regions)
         for sig, (_, args) in calls.items():
             if target == "cuda":
-                out[sig] = _kernel_bytes(_compiled_nodes(blocks[sig], args, batch, target)) / batch
+                out[sig] = _kernel_bytes(_compiled_nodes(blocks[sig], args, batch, target, regions)) / batch
             else:
                 small, large = (_kernel_bytes(_compiled_nodes(blocks[sig], args, b, target)) for b in (2, 4))
                 out[sig] = (large - small) / 2
@@ -621,6 +630,9 @@ def main(argv=None) -> None:
     p.add_argument("--codegen", choices=["cuda", "cpu"], default="cuda",
                    help="with --compiled: count the kernels inductor generates for an sm90 GPU (without one) "
                         "or for the CPU")
+    p.add_argument("--regions", choices=["block", "branch"], default="block",
+                   help="with --compiled (cuda): one compiled region per block, as the trainer runs it, or one "
+                        "per residual branch")
     p.add_argument("--whole", action="store_true",
                    help="count the objective compiled as one graph (compile_model) instead of per block: "
                         "inductor's GPU kernels; the non-GEMM bytes are then one row, (objective)")
@@ -646,9 +658,9 @@ def main(argv=None) -> None:
             calls.setdefault(sig, (block, block_args))
             names[sig].append(f"{info['root']}.{name}")
         try:
-            per_image = compiled_block_bytes(calls, args.attention, args.mlp, args.codegen, args.batch)
+            per_image = compiled_block_bytes(calls, args.attention, args.mlp, args.codegen, args.batch, args.regions)
         except Exception as e:  # inductor internals moved (itpn/cli/cuda_codegen.py): say so, count the CPU's
-            if args.codegen != "cuda":
+            if args.codegen != "cuda" or args.regions != "block":
                 raise
             print(f"inductor's CUDA code generation without a GPU failed ({type(e).__name__}: {e}); "
                   "counting its CPU kernels instead")

@@ -86,7 +86,13 @@ class Block(nn.Module):
 
     def _forward(self, x, rel_index, rel_grid):
         if self.has_attn:
-            x = x + self.drop_path(self._branch(self.attn, "gamma_1", self.norm1(x), rel_index, rel_grid))
+            x = self._attention_residual(x, rel_index, rel_grid)
+        return self._mlp_residual(x)
+
+    def _attention_residual(self, x, rel_index, rel_grid):
+        return x + self.drop_path(self._branch(self.attn, "gamma_1", self.norm1(x), rel_index, rel_grid))
+
+    def _mlp_residual(self, x):
         return x + self.drop_path(self._branch(self.mlp, "gamma_2", self.norm2(x)))
 
     def _branch(self, branch: nn.Module, gamma: str, *args) -> torch.Tensor:

@@ -259,3 +259,24 @@ def test_the_whole_objective_lowers_as_one_graph_and_moves_fewer_bytes_than_eage
     nbytes, graphs = whole_objective_bytes("tiny", 4)
     assert graphs == 2  # forward and backward: no graph break
     assert 0 < nbytes < eager
+
+
+def test_a_region_per_residual_branch_is_counted_as_two_graphs_each_way():
+    """iTPN-L's stage-3 shapes: with the residual stream between the branches written by the
+    first region, LayerNorm 2's backward reads it like LayerNorm 1's reads its input, instead of
+    writing its normalised input in fp32 and reading it back (docs/performance.md)."""
+    from itpn.cli.roofline import _compiled_nodes, _compiling, _cpu_block, _kernel_bytes
+    with torch.device("meta"):
+        block = Block(768, 12, 4.0, drop_path=0.1, layer_scale=0.1, rel_pos_grid=14).to(torch.bfloat16).train()
+    args = (torch.empty(2, 196, 768, device="meta", dtype=torch.bfloat16), relative_position_index(14, device="meta"),
+            (14, 14))
+    with _compiling("sdpa"):
+        cpu_block = _cpu_block(block, "separate")
+        _compiled_nodes(cpu_block, args, 2, "cuda")
+        one = _compiled_nodes(cpu_block, args, 16, "cuda")
+        two = _compiled_nodes(cpu_block, args, 16, "cuda", regions="branch")
+    assert [p for p, _, _ in two].count("forward") > [p for p, _, _ in one].count("forward")
+    assert _kernel_bytes(two) < _kernel_bytes(one)
+    with pytest.raises(ValueError, match="cuda only"):
+        with _compiling("sdpa"):
+            _compiled_nodes(cpu_block, args, 2, "cpu", regions="branch")
