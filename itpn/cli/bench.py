@@ -26,6 +26,8 @@ settings so that every speed-up is a ratio measured in the same run:
              bias gradient); not default until measured on a GPU
     mlp_model  mlp with the whole objective and the teacher compiled instead of the blocks
              (the roofline's --whole counts what that fusion scope saves); not default
+    branch, mlp_branch  fold, mlp with each transformer block compiled as two regions, one
+             per residual branch (Block.compile; the roofline's --regions branch); not default
     flex_autotune  flex with both FlexAttention kernels (forward and backward block sizes)
              and the GEMMs autotuned (max-autotune-no-cudagraphs); not default
     fp8      fold + FP8 matmuls (tensorwise scales) in the transformer blocks' linears;
@@ -101,6 +103,9 @@ LADDER = {
                           compile_options={"mode": "max-autotune-no-cudagraphs"}),
     "compile_model": dict(attn="sdpa", dtype="bf16", fused=True, compile="model", fold=True),
     "mlp_model": dict(attn="triton", dtype="bf16", fused=True, compile="model", fold=True, mlp=True),
+    "branch": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True, regions="branch"),
+    "mlp_branch": dict(attn="triton", dtype="bf16", fused=True, compile="blocks", fold=True, mlp=True,
+                       regions="branch"),
     "compile_autotune": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True,
                              compile_options={"mode": "max-autotune-no-cudagraphs"}),
 }
@@ -221,7 +226,7 @@ class TrainStep:
         model = build_objective(cfg, self.teacher)
         apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks",
                             setting.get("compile_options"), setting["fold"], setting.get("fp8", False),
-                            setting.get("mlp", False))
+                            setting.get("mlp", False), setting.get("regions", "block"))
         if zero and zero.startswith("zero3") and setting.get("mlp"):
             register_fused_mlp_params(model)
         if setting["compile"] == "model":

@@ -399,8 +399,8 @@ def _compiled_nodes(block: Block, args: tuple, batch: int, target: str, regions:
     """(phase, scheduler node, bytes) of the block compiled at ``batch``, forward then backward;
     call inside ``counting_bytes()``. For "cuda" nothing runs (the graphs are lowered and their
     outputs are uninitialised tensors), so any batch costs the same; "cpu" runs the kernels.
-    ``regions="branch"`` (cuda only): a transformer block as two compiled regions, one per
-    residual branch, instead of the trainer's one."""
+    ``regions``: as ``Block.compile`` takes it ("block", the trainer's; "branch": a transformer
+    block as two compiled regions, one per residual branch)."""
     import torch._inductor.metrics as metrics
 
     make = torch.empty if target == "cuda" else torch.randn
@@ -409,21 +409,20 @@ def _compiled_nodes(block: Block, args: tuple, batch: int, target: str, regions:
     if rest and isinstance(rest[0], torch.Tensor) and rest[0].ndim == 3:
         rest[0] = torch.zeros(batch, *rest[0].shape[1:], dtype=torch.long)
     torch._dynamo.reset()
-    if target == "cuda":  # forward and backward are lowered when dynamo compiles
-        graphs = []
-        parts = [(Block._forward, (x, *rest))]
-        if regions == "branch" and block.has_attn:
-            parts = [(Block._attention_residual, (x, *rest)), (Block._mlp_residual, (x,))]
-        for fn, inputs in parts:
-            torch.compile(fn, dynamic=False, backend=cuda_backend(graphs, execute=False))(block, *inputs)
-        phases = ("forward", "backward") * len(parts)
-        return [(phase, node, n) for phase, graph in zip(phases, graphs) for node, n in graph]
-    if regions != "block":
-        raise ValueError(f"regions={regions!r} is counted with --codegen cuda only")
-    metrics.reset()
-    y = torch.compile(Block._forward, dynamic=False)(block, x, *rest)
-    forward = len(metrics.nodes_num_elem)
-    y.backward(torch.ones_like(y))
+    try:
+        if target == "cuda":  # forward and backward are lowered when dynamo compiles
+            graphs = []
+            block.compile(regions, backend=cuda_backend(graphs, execute=False))
+            block(x, *rest)
+            phases = ("forward", "backward") * (len(graphs) // 2)
+            return [(phase, node, n) for phase, graph in zip(phases, graphs) for node, n in graph]
+        metrics.reset()
+        block.compile(regions)
+        y = block(x, *rest)
+        forward = len(metrics.nodes_num_elem)
+        y.backward(torch.ones_like(y))
+    finally:
+        block._compiled_forward = None
     return [("forward" if i < forward else "backward", node, 4 * n)
             for i, (node, n) in enumerate(metrics.nodes_num_elem)]
 
@@ -631,8 +630,8 @@ def main(argv=None) -> None:
                    help="with --compiled: count the kernels inductor generates for an sm90 GPU (without one) "
                         "or for the CPU")
     p.add_argument("--regions", choices=["block", "branch"], default="block",
-                   help="with --compiled (cuda): one compiled region per block, as the trainer runs it, or one "
-                        "per residual branch")
+                   help="with --compiled: one compiled region per block, as the trainer runs it, or one "
+                        "per residual branch (Block.compile)")
     p.add_argument("--whole", action="store_true",
                    help="count the objective compiled as one graph (compile_model) instead of per block: "
                         "inductor's GPU kernels; the non-GEMM bytes are then one row, (objective)")
@@ -660,12 +659,12 @@ def main(argv=None) -> None:
         try:
             per_image = compiled_block_bytes(calls, args.attention, args.mlp, args.codegen, args.batch, args.regions)
         except Exception as e:  # inductor internals moved (itpn/cli/cuda_codegen.py): say so, count the CPU's
-            if args.codegen != "cuda" or args.regions != "block":
+            if args.codegen != "cuda":
                 raise
             print(f"inductor's CUDA code generation without a GPU failed ({type(e).__name__}: {e}); "
                   "counting its CPU kernels instead")
             args.codegen = "cpu"
-            per_image = compiled_block_bytes(calls, args.attention, args.mlp, "cpu")
+            per_image = compiled_block_bytes(calls, args.attention, args.mlp, "cpu", regions=args.regions)
         compiled = {name: per_image[sig] * args.batch for sig in calls for name in names[sig]}
         how = f"at batch {args.batch}" if args.codegen == "cuda" else "slope, batch 2 to 4"
         print(f"{len(calls)} block signatures compiled (inductor, {args.codegen.upper()} kernels) for {len(compiled)} "

@@ -96,13 +96,14 @@ def build_val_loader(cfg: dict, rank: int, world: int, device: torch.device):
 
 def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool,
                         compile_options: dict | None = None, fold_layer_scale: bool = True,
-                        fp8: bool = False, fused_mlp: bool = False) -> int:
+                        fp8: bool = False, fused_mlp: bool = False, compile_regions: str = "block") -> int:
     """Activation checkpointing on every ``every``-th block and/or torch.compile per block
     (``Block.compile``: the checkpoint wrapper stays outside the compiled region); layer scale
     folded into the branches' output Linears or not (``Block.fold_layer_scale``); FP8 matmuls
     in the four Linears of every transformer block (``ScaledLinear.fp8``; the C-MLP blocks of
     stages 1-2 and the pyramid, narrow and memory-bound, stay bf16); GELU fused into the GEMMs
-    of every MLP (``Mlp.fused``, fused_mlp.py). Returns how many blocks are checkpointed."""
+    of every MLP (``Mlp.fused``, fused_mlp.py); ``compile_regions``: one compiled region per
+    block or per residual branch (``Block.compile``). Returns how many blocks are checkpointed."""
     from ..layers import Block, Mlp, ScaledLinear
     for m in module.modules():
         if isinstance(m, Mlp):
@@ -121,7 +122,7 @@ def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, 
             blk.grad_checkpointing = True
             n += 1
         if compile_blocks:
-            blk.compile(**(compile_options or {}))
+            blk.compile(compile_regions, **(compile_options or {}))
     return n
 
 

@@ -38,14 +38,15 @@ def _grads(model, x, mask, targets):
     return out["loss"].detach(), grads
 
 
-@pytest.mark.parametrize("ckpt,fp8", [(False, False), (True, False), (True, True)])
-def test_compiled_objective_matches_eager(ckpt, fp8):
+@pytest.mark.parametrize("ckpt,fp8,regions", [(False, False, "block"), (True, False, "block"), (True, True, "block"),
+                                              (True, False, "branch")])
+def test_compiled_objective_matches_eager(ckpt, fp8, regions):
     torch.manual_seed(0)
     cfg = HiViTConfig(img_size=64, embed_dim=64, depths=(1, 1, 3), num_heads=2, rpe=True, layer_scale=0.1)
     eager = ClipMFM(cfg, teacher_dim=24, fpn_dim=32, fpn_depth=1)
     compiled = copy.deepcopy(eager)
     apply_block_options(eager, 1, False, False, fp8=fp8)
-    n_ckpt = apply_block_options(compiled, 1, ckpt, True, AOT, fp8=fp8)
+    n_ckpt = apply_block_options(compiled, 1, ckpt, True, AOT, fp8=fp8, compile_regions=regions)
     assert any(getattr(m, "fp8", False) for m in compiled.modules()) == fp8
     assert n_ckpt == (sum(isinstance(m, Block) for m in compiled.modules()) if ckpt else 0)
     g = torch.Generator().manual_seed(2)
@@ -82,6 +83,15 @@ def test_one_static_graph_per_block_shape():
     for _ in range(2):  # the second pass must hit the cache
         model(x, mask, targets=targets)["loss"].backward()
     assert counters["stats"]["unique_graphs"] == len(signatures)
+    # One region per residual branch: a transformer block signature is two graphs.
+    torch._dynamo.reset()
+    counters.clear()
+    apply_block_options(model, 1, False, True, {"backend": "aot_eager"}, compile_regions="branch")
+    for _ in range(2):
+        model(x, mask, targets=targets)["loss"].backward()
+    assert counters["stats"]["unique_graphs"] == len(signatures) + sum(attn for _, attn, _, _ in signatures)
+    with pytest.raises(ValueError, match="regions"):
+        blocks[0].compile("layer")
 
 
 def _run(blocks, seed=3):

@@ -261,7 +261,7 @@ def test_the_whole_objective_lowers_as_one_graph_and_moves_fewer_bytes_than_eage
     assert 0 < nbytes < eager
 
 
-def test_a_region_per_residual_branch_is_counted_as_two_graphs_each_way():
+def test_a_region_per_residual_branch_moves_fewer_bytes_at_itpn_l_shapes():
     """iTPN-L's stage-3 shapes: with the residual stream between the branches written by the
     first region, LayerNorm 2's backward reads it like LayerNorm 1's reads its input, instead of
     writing its normalised input in fp32 and reading it back (docs/performance.md)."""
@@ -275,8 +275,4 @@ def test_a_region_per_residual_branch_is_counted_as_two_graphs_each_way():
         _compiled_nodes(cpu_block, args, 2, "cuda")
         one = _compiled_nodes(cpu_block, args, 16, "cuda")
         two = _compiled_nodes(cpu_block, args, 16, "cuda", regions="branch")
-    assert [p for p, _, _ in two].count("forward") > [p for p, _, _ in one].count("forward")
     assert _kernel_bytes(two) < _kernel_bytes(one)
-    with pytest.raises(ValueError, match="cuda only"):
-        with _compiling("sdpa"):
-            _compiled_nodes(cpu_block, args, 2, "cpu", regions="branch")
