@@ -24,6 +24,8 @@
 #   benchmarks/gpu_suite.sh pixel_l   pixel MIM iTPN-L
 #   benchmarks/gpu_suite.sh infer     classifier inference at 224 (iTPN vs ViT)
 #   benchmarks/gpu_suite.sh autotune  compiled blocks with max-autotune (long compilation)
+#   benchmarks/gpu_suite.sh regions   a compiled region per residual branch against one per block,
+#                                     with SDPA and with our kernels
 #
 # Results are appended as JSON lines to ${OUT:-.}/bench.jsonl; the tables go to stdout.
 #
@@ -41,7 +43,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # benchmarks/*.py import itpn
 export PYTHONUNBUFFERED=1
 bench() { echo "+ itpn-bench $*"; "$PY" -m itpn.cli.bench --json "$OUT/bench.jsonl" "$@"; }
 
-case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune}" in
+case "${1:?part: first | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
   first)  # the headline numbers first: a run cut off by the time limit keeps the calls that finished,
     # and a call that fails (e.g. a kernel's first GPU compile) does not stop the ones after it
     bench --recipe clip_l --batch 128 --steps 10 --ladder compile fold triton mlp \
@@ -87,6 +89,8 @@ make_images('$data/images', 5120)"
     bench --infer --batch 256 --steps 10 ;;
   autotune)
     bench --recipe clip_l --batch 128 --steps 10 --ladder fold compile_autotune flex_autotune ;;
+  regions)
+    bench --recipe clip_l --batch 128 --steps 10 --ladder fold branch mlp mlp_branch ;;
   *)
     echo "unknown part $1" >&2; exit 2 ;;
 esac
