@@ -9,11 +9,12 @@ is none: it pretends, for the duration of ``pretend_cuda()``, that one CUDA devi
 traces the graphs with fake CUDA tensors and generates their Triton code, which is kept as
 text and never compiled or launched.
 
-How, concretely: dynamo traces the block on the CPU (real tensors, so the block also runs);
-``cuda_backend`` receives dynamo's graph, lets inductor's own ``compile_fx`` build and
-partition the forward + backward graph (the backward is lowered at once), and for each of
-the two graphs retraces it with fake CUDA tensors and runs ``compile_fx_inner`` under
-``pretend_cuda()``; the graph that actually runs on the CPU is the uncompiled ATen graph.
+How, concretely: dynamo traces the block on the CPU; ``cuda_backend`` receives dynamo's
+graph, lets inductor's own ``compile_fx`` build and partition the forward + backward graph
+(the backward is lowered at once), and for each of the two graphs retraces it with fake CUDA
+tensors and runs ``compile_fx_inner`` under ``pretend_cuda()``. What then runs on the CPU is
+the uncompiled ATen graph, or (``execute=False``, how the roofline counts at a recipe's real
+batch) nothing: the graph returns uninitialised tensors of its outputs' shapes.
 The pretence is a list of attribute patches, each undone on exit (torch.cuda's device
 queries, dynamo's CUDA device interface, Triton's active driver, and inductor's Triton
 compilation step, which records the source instead); pattern passes that build real CUDA
