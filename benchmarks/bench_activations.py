@@ -25,6 +25,7 @@ import torch
 from itpn.cli.bench import RECIPES, load_recipe, make_batch
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.models.flops import saved_activation_bytes
+from itpn.objectives.clip_teacher import target_width
 
 
 def saved_bytes(model, x, mask, targets, device) -> int:
@@ -45,7 +46,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     cfg = load_recipe(args.recipe)
     clip = cfg["objective"]["kind"] == "clip"
-    cfg["objective"]["teacher_dim"] = 768  # random targets of the CLIP-L width; no teacher is built
+    width = target_width(cfg["teacher"]["arch"]) if clip else 0  # random targets; no teacher is built
+    cfg["objective"]["teacher_dim"] = width
     torch.manual_seed(0)
     model = build_objective(cfg).to(device).train()
     print(f"recipe {args.recipe}, {device.type}, bf16 autocast, batch {args.batch} and {2 * args.batch}")
@@ -55,7 +57,7 @@ def main(argv=None) -> None:
         sizes = []
         for b in (args.batch, 2 * args.batch):
             x, mask, _ = make_batch(cfg, b, device)
-            targets = torch.randn(b, mask.shape[1], 768, device=device) if clip else None
+            targets = torch.randn(b, mask.shape[1], width, device=device) if clip else None
             sizes.append(saved_bytes(model, x, mask, targets, device))
         per_image = (sizes[1] - sizes[0]) / args.batch
         fixed = sizes[0] - per_image * args.batch
