@@ -70,6 +70,21 @@ class _Driver:
 
 
 @contextlib.contextmanager
+def patched(patches: list):
+    """Sets each (owner, attribute, value) for the duration and restores what was there (a
+    class's own attribute as stored, so a staticmethod stays one)."""
+    saved = [(owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name))
+             for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
 def pretend_cuda(kernels: dict | None = None):
     """One sm90 CUDA device for inductor's code generation; Triton kernels are not compiled,
     their source goes into ``kernels`` (name -> source) when given."""
@@ -110,20 +125,10 @@ def pretend_cuda(kernels: dict | None = None):
         (scheduler, "has_triton", const(True)),
         (triton_helpers, "set_driver_to_gpu", const(None)),
         (fuse_attention, "_sfdp_init", const(None)), (misc_patterns, "_misc_patterns_init", const(None)),
-        (AsyncCompile, "triton", keep_source),
+        (AsyncCompile, "triton", keep_source), (driver, "_active", _Driver()),
     ]
-    saved = [(owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name))
-             for owner, name, _ in patches]
-    active = driver._active
-    try:
-        for owner, name, value in patches:
-            setattr(owner, name, value)
-        driver.set_active(_Driver())
+    with patched(patches):
         yield
-    finally:
-        driver._active = active
-        for owner, name, value in saved:
-            setattr(owner, name, value)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
 from itpn.cli.bench import RECIPES, load_recipe, make_batch
-from itpn.cli.cuda_codegen import counting_bytes, cuda_backend
+from itpn.cli.cuda_codegen import counting_bytes, cuda_backend, patched
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.layers import Block, attention_impl
 from itpn.layers import bias_attention as bias_attention_module
@@ -128,12 +128,8 @@ def _efficient_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 @contextlib.contextmanager
 def _sdpa_replaced(fn):
     """``F.scaled_dot_product_attention`` (which ``Attention`` calls) is ``fn`` inside."""
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = fn
-    try:
+    with patched([(F, "scaled_dot_product_attention", fn)]):
         yield
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 def efficient_attention():
@@ -327,15 +323,11 @@ _opaque_packed.register_autograd(_packed_grad, setup_context=_packed_setup)
 def triton_attention(stand_in=None):
     """The Attention modules take the "triton" path on any device; with ``stand_in`` (a CPU
     stand-in for inductor's byte count) it replaces the kernel's op."""
-    saved = bias_attention_module.usable, bias_attention_module.bias_attention
-    bias_attention_module.usable = lambda qkv: True
+    patches = [(bias_attention_module, "usable", lambda qkv: True)]
     if stand_in is not None:
-        bias_attention_module.bias_attention = stand_in
-    try:
-        with attention_impl("triton"):
-            yield
-    finally:
-        bias_attention_module.usable, bias_attention_module.bias_attention = saved
+        patches.append((bias_attention_module, "bias_attention", stand_in))
+    with patched(patches), attention_impl("triton"):
+        yield
 
 
 @torch.library.custom_op("itpn_roofline::fc1_gelu", mutates_args=())
@@ -361,14 +353,12 @@ _stand_in_dgrad.register_fake(fused_mlp_module.dgrad_gelu_fake)
 def fused_mlp_everywhere(stand_in: bool = False):
     """Every Mlp with ``fused`` set takes the fused path on any device; with ``stand_in``, the
     two kernels' ops are replaced by CPU stand-ins (the fused op and its backward stay)."""
-    saved = fused_mlp_module.unusable_reason, fused_mlp_module._fc1_gelu, fused_mlp_module._fc2_dgrad_gelu_op
-    fused_mlp_module.unusable_reason = lambda *a: None
+    patches = [(fused_mlp_module, "unusable_reason", lambda *a: None)]
     if stand_in:
-        fused_mlp_module._fc1_gelu, fused_mlp_module._fc2_dgrad_gelu_op = _stand_in_fc1_gelu, _stand_in_dgrad
-    try:
+        patches += [(fused_mlp_module, "_fc1_gelu", _stand_in_fc1_gelu),
+                    (fused_mlp_module, "_fc2_dgrad_gelu_op", _stand_in_dgrad)]
+    with patched(patches):
         yield
-    finally:
-        fused_mlp_module.unusable_reason, fused_mlp_module._fc1_gelu, fused_mlp_module._fc2_dgrad_gelu_op = saved
 
 
 def _attention_context(attention: str, compiled: bool):
