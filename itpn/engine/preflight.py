@@ -63,6 +63,11 @@ def _check_fused_mlp(value) -> None:
                           "(it ships with torch's CUDA builds): set deepspeed.fused_mlp=false")
 
 
+def _check_compile_regions(value) -> None:
+    if value not in ("block", "branch"):
+        raise ConfigError(f"deepspeed.compile_regions must be block or branch, got {value!r}")
+
+
 def preflight(cfg: dict, world_size: int) -> dict:
     """Validate a merged config for ``world_size`` ranks; returns the DeepSpeed config."""
     if cfg["task"] not in ("pretrain", "finetune", "linprobe", "eval"):
@@ -73,6 +78,7 @@ def preflight(cfg: dict, world_size: int) -> dict:
         _check_fp8_device()
     _check_attention(cfg["deepspeed"]["attention"])
     _check_fused_mlp(cfg["deepspeed"]["fused_mlp"])
+    _check_compile_regions(cfg["deepspeed"]["compile_regions"])
     if cfg["task"] != "eval":
         _check_shards(cfg["data"]["train"], "data.train")
     if cfg["task"] in ("finetune", "linprobe", "eval") and cfg["data"]["val"]:

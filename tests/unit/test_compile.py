@@ -177,3 +177,26 @@ def test_deep_copy_of_a_compiled_block_uses_its_own_weights():
     torch.testing.assert_close(twin(x), eager_twin(x), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(twin(x), blk(x))
     assert counters["stats"]["unique_graphs"] == 1  # both went through the one compiled graph
+
+
+def test_the_trainer_compiles_branch_regions_when_asked(tmp_path):
+    """deepspeed.compile_regions reaches Block.compile through the engine's block options, and
+    the preflight names a wrong value."""
+    from itpn.engine.config import ConfigError, load_config
+    from itpn.engine.preflight import preflight
+    from itpn.engine.runner import _block_options
+    (tmp_path / "manifest.json").write_text("{}")
+    cfg = load_config("demo", [f"data.train={tmp_path}", "deepspeed.compile=true", "deepspeed.compile_regions=branch"])
+    preflight(cfg, 1)
+    torch.manual_seed(0)
+    model = ClipMFM(HiViTConfig(img_size=64, embed_dim=64, depths=(1, 1, 3), num_heads=2, rpe=True),
+                    teacher_dim=24, fpn_dim=32, fpn_depth=1)
+    _block_options(model, cfg, {}, torch.device("cpu"), torch.float32)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert all(b._compiled_forward is not None for b in blocks)
+    assert any(b.has_attn for b in blocks) and not all(b.has_attn for b in blocks)
+    # two regions for every transformer block, one for every C-MLP block
+    assert all(b._compiled_forward.__qualname__.startswith("_two_regions") == b.has_attn for b in blocks)
+    cfg["deepspeed"]["compile_regions"] = "layer"
+    with pytest.raises(ConfigError, match="deepspeed.compile_regions must be block or branch, got 'layer'"):
+        preflight(cfg, 1)
