@@ -36,7 +36,7 @@ the log-sum-exp; its backward writes the (B, N, 3, H, d) qkv gradient and the bi
 
     itpn-roofline --recipe clip_l --batch 128 [--peak 791] [--bandwidth 3.35] [--compiled]
                   [--attention sdpa|triton] [--mlp separate|fused] [--codegen cuda|cpu]
-                  [--kernels encoder.blocks.0]
+                  [--regions block|branch] [--whole] [--kernels encoder.blocks.0]
     (= python benchmarks/roofline.py ...)
 """
 
@@ -59,6 +59,7 @@ from itpn.cli.bench import RECIPES, load_recipe, make_batch
 from itpn.cli.cuda_codegen import counting_bytes, cuda_backend, patched
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.layers import Block, attention_impl
+from itpn.layers.block import COMPILE_REGIONS
 from itpn.layers import bias_attention as bias_attention_module
 from itpn.layers import fused_mlp as fused_mlp_module
 from itpn.objectives.clip_teacher import target_width
@@ -468,7 +469,7 @@ def compiled_block_bytes(calls: dict, attention: str = "sdpa", mlp: str = "separ
             if target == "cuda":
                 out[sig] = _kernel_bytes(_compiled_nodes(blocks[sig], args, batch, target, regions)) / batch
             else:
-                small, large = (_kernel_bytes(_compiled_nodes(blocks[sig], args, b, target)) for b in (2, 4))
+                small, large = (_kernel_bytes(_compiled_nodes(blocks[sig], args, b, target, regions)) for b in (2, 4))
                 out[sig] = (large - small) / 2
     return out
 
@@ -522,14 +523,12 @@ def whole_objective_bytes(recipe: str, batch: int, attention: str = "sdpa", mlp:
     """Non-extern bytes of the objective's forward + backward compiled as one graph (the
     trainer's ``compile_whole``, the benchmark's ``compile_model``), as inductor's kernels for an
     sm90 GPU move them at ``batch``, and the number of graphs dynamo made. Nothing runs; the
-    lowering takes ~2 minutes for iTPN-L."""
-    from torch._inductor.scheduler import ExternKernelSchedulerNode
+    lowering takes ~90 s for iTPN-L."""
     model, inputs, kwargs = _objective(recipe, batch, mlp, "cpu")
     graphs = []
     with _compiling(attention):
         torch.compile(model, dynamic=False, backend=cuda_backend(graphs, execute=False))(*inputs, **kwargs)
-    return sum(n for graph in graphs for node, n in graph if not isinstance(node, ExternKernelSchedulerNode)), \
-        len(graphs)
+    return _kernel_bytes([(None, node, n) for graph in graphs for node, n in graph]), len(graphs)
 
 
 def record_step(recipe: str, batch: int, attention: str = "sdpa", mlp: str = "separate") -> tuple[list, dict]:
@@ -619,7 +618,7 @@ def main(argv=None) -> None:
     p.add_argument("--codegen", choices=["cuda", "cpu"], default="cuda",
                    help="with --compiled: count the kernels inductor generates for an sm90 GPU (without one) "
                         "or for the CPU")
-    p.add_argument("--regions", choices=["block", "branch"], default="block",
+    p.add_argument("--regions", choices=COMPILE_REGIONS, default="block",
                    help="with --compiled: one compiled region per block, as the trainer runs it, or one "
                         "per residual branch (Block.compile)")
     p.add_argument("--whole", action="store_true",

@@ -64,7 +64,8 @@ def _check_fused_mlp(value) -> None:
 
 
 def _check_compile_regions(value) -> None:
-    if value not in ("block", "branch"):
+    from ..layers.block import COMPILE_REGIONS
+    if value not in COMPILE_REGIONS:
         raise ConfigError(f"deepspeed.compile_regions must be block or branch, got {value!r}")
 
 

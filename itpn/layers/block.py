@@ -23,6 +23,8 @@ from .norm import LN_EPS
 
 #: Dynamo cache entries allowed for the one shared ``Block._forward`` code object.
 RECOMPILE_LIMIT = 64
+# Block.compile's choices: one compiled region per block, or one per residual branch.
+COMPILE_REGIONS = ("block", "branch")
 
 
 class Block(nn.Module):
@@ -77,7 +79,7 @@ class Block(nn.Module):
         into one symbolic-shape graph for all C-MLP levels; and the recompile limit is
         raised above the number of shapes so that no block silently falls back to eager.
         """
-        if regions not in ("block", "branch"):
+        if regions not in COMPILE_REGIONS:
             raise ValueError(f"Block.compile: regions must be 'block' or 'branch', got {regions!r}")
         kwargs.setdefault("dynamic", False)
         config = torch._dynamo.config
