@@ -21,7 +21,7 @@ compilation step, which records the source instead); pattern passes that build r
 tensors at initialisation (attention and misc patterns: neither matches our blocks, whose
 attention is an opaque op) are skipped.
 
-It depends on inductor internals (checked on torch 2.14; the roofline falls back to the
+It depends on inductor internals (checked on torch 2.14 and 2.11; the roofline falls back to the
 CPU's code generation with a warning where it fails). ``tests/unit/test_roofline.py`` checks
 it against a hand count of a pointwise and a reduction kernel and that every patch is undone.
 """
@@ -92,6 +92,7 @@ def pretend_cuda(kernels: dict | None = None):
     import torch._inductor.fx_passes.misc_patterns as misc_patterns
     import torch._inductor.runtime.triton_helpers as triton_helpers
     import torch._inductor.scheduler as scheduler
+    import torch._subclasses.fake_tensor as fake_tensor
     from torch._dynamo.device_interface import CudaInterface
     from torch._inductor.async_compile import AsyncCompile
     from triton.runtime.driver import driver
@@ -123,6 +124,9 @@ def pretend_cuda(kernels: dict | None = None):
         (CudaInterface, "synchronize", staticmethod(const(None))),
         (CudaInterface, "is_bf16_supported", staticmethod(const(True))),
         (scheduler, "has_triton", const(True)),
+        # A fake CUDA tensor's first construction makes a real one where CUDA is available
+        # (torch 2.11 asks torch.cuda.is_available(), patched above; 2.14 asks torch.accelerator).
+        (fake_tensor, "init_gpu_context", const(None)),
         (triton_helpers, "set_driver_to_gpu", const(None)),
         (fuse_attention, "_sfdp_init", const(None)), (misc_patterns, "_misc_patterns_init", const(None)),
         (AsyncCompile, "triton", keep_source), (driver, "_active", _Driver()),

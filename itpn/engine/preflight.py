@@ -69,6 +69,15 @@ def _check_compile_regions(value) -> None:
         raise ConfigError(f"deepspeed.compile_regions must be block or branch, got {value!r}")
 
 
+def _check_zero3_linear(cfg: dict, ds: dict) -> None:
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3 and cfg["deepspeed"]["compile"] and zero.get("memory_efficient_linear", True):
+        raise ConfigError(
+            f"deepspeed.fragments {cfg['deepspeed']['fragments']}: ZeRO-3 with deepspeed.compile=true needs "
+            "zero_optimization.memory_efficient_linear=false (ds_configs/zero3*.json set it). DeepSpeed's "
+            "replacement of F.linear gets wrong gradients under torch.compile on torch 2.11 (docs/training.md)")
+
+
 def preflight(cfg: dict, world_size: int) -> dict:
     """Validate a merged config for ``world_size`` ranks; returns the DeepSpeed config."""
     if cfg["task"] not in ("pretrain", "finetune", "linprobe", "eval"):
@@ -80,6 +89,7 @@ def preflight(cfg: dict, world_size: int) -> dict:
     _check_attention(cfg["deepspeed"]["attention"])
     _check_fused_mlp(cfg["deepspeed"]["fused_mlp"])
     _check_compile_regions(cfg["deepspeed"]["compile_regions"])
+    _check_zero3_linear(cfg, ds)
     if cfg["task"] != "eval":
         _check_shards(cfg["data"]["train"], "data.train")
     if cfg["task"] in ("finetune", "linprobe", "eval") and cfg["data"]["val"]:

@@ -50,7 +50,10 @@ def scaled_mm(a8: torch.Tensor, b8: torch.Tensor, a_inv: torch.Tensor, b_inv: to
     demo (tests/unit/test_fp8.py checks that the two agree)."""
     if a8.is_cuda:
         return torch._scaled_mm(a8, b8, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
-    return ((a8.float() * a_inv) @ (b8.float() * b_inv)).to(out_dtype)
+    out = (a8.float() * a_inv) @ (b8.float() * b_inv)
+    # No .to() that changes nothing: on torch 2.11, torch.compile gives an autograd.Function
+    # whose forward returns one zero input gradients (tests/unit/test_fp8.py).
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:

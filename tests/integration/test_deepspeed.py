@@ -60,8 +60,9 @@ def test_zero_stages_match_single_process(tmp_path):
     refs = json.load(open(tmp_path / "ref.json"))["losses"]
     ref = refs["0"]
     assert ref[-1] < ref[0]  # it trains
-    # + activation checkpointing; + offload to the host; + compiled blocks
-    for stage in ("1", "2", "3", "3ckpt", "3offload", "2compile"):
+    # + activation checkpointing; + offload to the host; + compiled blocks (under ZeRO-3 too: with
+    # DeepSpeed's own F.linear, which our zero3 fragments switch off, torch 2.11 trained it wrongly)
+    for stage in ("1", "2", "3", "3ckpt", "3offload", "2compile", "3compile"):
         assert multi[stage] == pytest.approx(ref, rel=1e-4, abs=1e-6), stage
     # The flagship's precision with FP8 matmuls (bf16 weights; ZeRO-1, and ZeRO-3, whose weights
     # are gathered around the forward): the fp32 run to bf16 / fp8 precision, a tenth of what
@@ -239,7 +240,6 @@ def _kernel_vs_reference(tmp_path, args, setting, values, keys):
 
     from itpn.engine.build import build_objective
 
-    pytest.importorskip("triton")
     runs, saved = {}, {}
     for i, value in enumerate(values):
         env = _env(TRITON_INTERPRET="1") if i else _env()
@@ -261,7 +261,7 @@ def _kernel_vs_reference(tmp_path, args, setting, values, keys):
     return proc.stdout + proc.stderr
 
 
-def test_trainer_runs_our_attention_kernel(tmp_path, demo_data):
+def test_trainer_runs_our_attention_kernel(tmp_path, demo_data, triton_interpreter):
     """deepspeed.attention=triton through the trainer on 2 ranks (pixel MIM: a per-sample bias
     over each sample's visible tokens in the student, one bias for all tokens in the EMA
     teacher), the kernels in Triton's interpreter: every attention module runs it, and the
@@ -273,7 +273,7 @@ def test_trainer_runs_our_attention_kernel(tmp_path, demo_data):
     assert "every attention module runs bias_attention" in out
 
 
-def test_trainer_fuses_the_mlp_under_zero3(tmp_path, demo_data):
+def test_trainer_fuses_the_mlp_under_zero3(tmp_path, demo_data, triton_interpreter):
     """deepspeed.fused_mlp=true through the trainer on 2 ranks under ZeRO-3 (fc1's and fc2's
     partitioned parameters gathered around the Mlp's forward and backward as its external
     parameters), fp32, pixel MIM + EMA-MFM (every MLP: C-MLP stages, transformer blocks,

@@ -15,7 +15,7 @@ from itpn.engine.runner import _engine, _optimizer, init_distributed
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
-p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3offload", "2compile", "3ema", "1fp8", "3fp8"],
+p.add_argument("--stages", nargs="+", default=["1", "2", "3", "3ckpt", "3offload", "2compile", "3compile", "3ema", "1fp8", "3fp8"],
                help="ZeRO stages; '3ckpt': ZeRO-3 with activation checkpointing on every block; "
                     "'3offload': ZeRO-3 with parameters and optimizer offloaded to the host (CPU AdamW); "
                     "'Ncompile': compiled blocks (dynamo + AOTAutograd, no inductor); "

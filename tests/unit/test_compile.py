@@ -200,3 +200,33 @@ def test_the_trainer_compiles_branch_regions_when_asked(tmp_path):
     cfg["deepspeed"]["compile_regions"] = "layer"
     with pytest.raises(ConfigError, match="deepspeed.compile_regions must be block or branch, got 'layer'"):
         preflight(cfg, 1)
+
+
+def test_preflight_keeps_deepspeeds_zero3_linear_out_of_compiled_blocks(tmp_path, monkeypatch):
+    """ZeRO-3 replaces F.linear by DeepSpeed's own autograd.Function unless told not to; under
+    torch.compile on torch 2.11 its gradients are wrong (tests/integration/test_deepspeed.py,
+    stage 3compile). Our zero3 fragments turn it off, and the preflight refuses a ZeRO-3 fragment
+    that leaves it on when the blocks are compiled."""
+    import json
+
+    import itpn.engine.config as config
+    from itpn.engine.config import ConfigError, load_config
+    from itpn.engine.preflight import preflight
+    (tmp_path / "manifest.json").write_text("{}")
+    for name in ("zero3", "zero3_offload"):
+        cfg = load_config("demo", [f"data.train={tmp_path}", "deepspeed.compile=true",
+                                   f"deepspeed.fragments=[{name}, fp32]"])
+        assert preflight(cfg, 2)["zero_optimization"]["memory_efficient_linear"] is False
+    frags = tmp_path / "ds"
+    frags.mkdir()
+    for src in config.DS_CONFIG_DIR.glob("*.json"):
+        (frags / src.name).write_text(src.read_text())
+    own = json.loads((frags / "zero3.json").read_text())
+    del own["zero_optimization"]["memory_efficient_linear"]
+    (frags / "my_zero3.json").write_text(json.dumps(own))
+    monkeypatch.setattr(config, "DS_CONFIG_DIR", frags)
+    cfg = load_config("demo", [f"data.train={tmp_path}", "deepspeed.fragments=[my_zero3, fp32]"])
+    preflight(cfg, 2)  # eager: DeepSpeed's linear is right
+    cfg["deepspeed"]["compile"] = True
+    with pytest.raises(ConfigError, match=r"my_zero3.*memory_efficient_linear=false"):
+        preflight(cfg, 2)

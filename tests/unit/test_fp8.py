@@ -65,6 +65,24 @@ def test_fp8_linear_is_the_product_of_the_dequantised_operands(rows):
     assert 1e-3 < _rel(w.grad, wr.grad) < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_fp8_linear_has_eagers_gradients(dtype):
+    """Under torch.compile too: on torch 2.11, an output cast to the dtype it already had made
+    every input gradient zero (fp32, the CPU's and the demo's dtype)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 64, generator=g, dtype=dtype).requires_grad_()
+    w = torch.randn(48, 64, generator=g, dtype=dtype).requires_grad_()
+    grad = torch.randn(30, 48, generator=g, dtype=dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(fp8_linear, backend="aot_eager", fullgraph=True)
+    want = torch.autograd.grad(fp8_linear(x, w), (x, w), grad)
+    got = torch.autograd.grad(compiled(x, w), (x, w), grad)
+    torch._dynamo.reset()
+    for a, b in zip(got, want):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_scaled_linear_fp8_dtypes_and_folded_gain():
     torch.manual_seed(0)
     lin = ScaledLinear(32, 64)

@@ -159,8 +159,10 @@ def test_folded_layer_scale_equals_reference_form(heads, shape):
         torch.manual_seed(1)  # the same drop-path draws
         y = blk(x, *args)
         results[fold] = (y, *torch.autograd.grad(y.square().sum(), [x, *blk.parameters()]))
+    # atol: fp32 rounding of weight-gradient sums whose order the fold changes (1.7e-6 seen with
+    # torch 2.11); gammas drawn from U(-0.5, 0.5) per channel make a misplaced one far larger
     for a, b in zip(results[False], results[True]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 @LAYER_SCALE_CASES
