@@ -37,7 +37,9 @@ class Mlp(nn.Module):
         if self.fused:
             # Under autocast the Linears would run in its dtype: so do the kernels.
             kind = x.device.type
-            autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            # (A fixed list of devices: dynamo on torch 2.11 cannot trace torch.amp.is_autocast_available;
+            # the meta device, which the roofline uses, has no autocast to ask about.)
+            autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
             dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
             if self.fused_reason(x.device, dtype) is None:
                 w2, b2 = self.fc2.scaled(out_scale)
