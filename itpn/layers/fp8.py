@@ -51,8 +51,8 @@ def scaled_mm(a8: torch.Tensor, b8: torch.Tensor, a_inv: torch.Tensor, b_inv: to
     if a8.is_cuda:
         return torch._scaled_mm(a8, b8, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
     out = (a8.float() * a_inv) @ (b8.float() * b_inv)
-    # No .to() that changes nothing: on torch 2.11, torch.compile gives an autograd.Function
-    # whose forward returns one zero input gradients (tests/unit/test_fp8.py).
+    # No .to() to the dtype it already has: on torch 2.11, under torch.compile, an autograd.Function
+    # whose forward returns such a cast gets zero input gradients (tests/unit/test_fp8.py).
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
