@@ -66,7 +66,7 @@ def _check_fused_mlp(value) -> None:
 def _check_compile_regions(value) -> None:
     from ..layers.block import COMPILE_REGIONS
     if value not in COMPILE_REGIONS:
-        raise ConfigError(f"deepspeed.compile_regions must be block or branch, got {value!r}")
+        raise ConfigError(f"deepspeed.compile_regions must be {' or '.join(COMPILE_REGIONS)}, got {value!r}")
 
 
 def _check_zero3_linear(cfg: dict, ds: dict) -> None:

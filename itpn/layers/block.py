@@ -80,7 +80,8 @@ class Block(nn.Module):
         raised above the number of shapes so that no block silently falls back to eager.
         """
         if regions not in COMPILE_REGIONS:
-            raise ValueError(f"Block.compile: regions must be 'block' or 'branch', got {regions!r}")
+            choices = " or ".join(map(repr, COMPILE_REGIONS))
+            raise ValueError(f"Block.compile: regions must be {choices}, got {regions!r}")
         kwargs.setdefault("dynamic", False)
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
