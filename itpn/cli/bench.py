@@ -56,6 +56,7 @@ import math
 import platform
 import sys
 import time
+import traceback
 
 import torch
 
@@ -558,16 +559,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'model':26s} {'batch':>5s} {'compiled':>8s} {'img/s':>9s}")
         for r in rows:
             print(f"{r['model']:26s} {r['batch']:5d} {str(r['compiled']):>8s} {r['img_s']:9.0f}")
-    else:
-        rows = run_training(args, device, peak)
-    if args.json:
-        with open(args.json, "a") as f:
+        write_rows(args.json, rows, env, peak)
+        return 0
+    rows = run_training(args, device, peak, lambda r: write_rows(args.json, [r], env, peak))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def write_rows(path: str | None, rows: list[dict], env: dict, peak: float) -> None:
+    """Append rows to the JSON-lines file, if any, at once: a run stopped later keeps them."""
+    if path:
+        with open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps({**r, **env, "peak_tflops": peak}) + "\n")
-    return 0
 
 
-def run_training(args, device, peak: float) -> list[dict]:
+def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]:
+    """Time every setting of the ladder. Each row is printed and passed to ``emit`` as soon as
+    it is measured, and a setting that fails (other than by running out of memory, which is a
+    result) becomes a row with its error, after which the ladder goes on: a run stopped by a
+    time limit or a broken setting keeps what it measured. The table at the end repeats them."""
     cfg = load_recipe(args.recipe)
     teacher_dim = 0
     if cfg["objective"]["kind"] == "clip":
@@ -575,8 +585,9 @@ def run_training(args, device, peak: float) -> list[dict]:
     student_gflop = count_student_flops(cfg, teacher_dim) / 1e9
     workers = cfg["data"]["num_workers"] if args.workers is None else args.workers
     suffix = f"/{args.zero}" if args.zero else ""
+    print(f"recipe {args.recipe}: {student_gflop:.1f} GFLOP/img student fwd+bwd", flush=True)
 
-    def measure(name, batch, loader=None, steps=args.steps, split=True, profile=None):
+    def measure(name, batch, loader=None, steps=args.steps, split=True, profile=None, contain=True):
         warm = args.warmup + (3 if LADDER[name]["compile"] else 0)
         label = name + suffix + ("+data" if loader is not None else "")
         try:
@@ -584,58 +595,88 @@ def run_training(args, device, peak: float) -> list[dict]:
                             ckpt_every=args.ckpt_every, loader=loader, zero=args.zero,
                             check_syncs=args.check_syncs and loader is None)
         except torch.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
+            release(device)
             return dict(setting=label, batch=batch, oom=True)
+        except Exception as e:  # noqa: BLE001 - reported as a row and in the exit status
+            if not contain:
+                raise
+            traceback.print_exc()
+            release(device)
+            return dict(setting=label, batch=batch, error=f"{type(e).__name__}: {e}"[:500])
         gflop = student_gflop + r["teacher_gflop"]
         r.update(recipe=args.recipe, gflop_per_img=gflop, tflops=r["img_s"] * gflop / 1e3,
                  mfu_pct=100 * r["img_s"] * gflop / 1e3 / peak if math.isfinite(peak) else float("nan"))
         return r
 
     rows = []
+    base = {}
+
+    def add(r):
+        if "tflops" in r:
+            r["speedup"] = r["img_s"] / base.setdefault(r["batch"], r["img_s"])
+        rows.append(r)
+        print("+ " + format_row(r), flush=True)
+        emit(r)
+
     if args.max_batch:
         for name in args.ladder:
-            found = largest_batch(lambda b: not measure(name, b, steps=1, split=False).get("oom"),
-                                  args.batch[0], args.max_batch_limit)
+            # a failure while searching is not "does not fit": it ends the search with its error
+            try:
+                found = largest_batch(lambda b: not measure(name, b, steps=1, split=False, contain=False).get("oom"),
+                                      args.batch[0], args.max_batch_limit)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                release(device)
+                add(dict(setting=name + suffix, batch=args.batch[0], error=f"{type(e).__name__}: {e}"[:500]))
+                continue
             if found:
-                rows.append({**measure(name, found), "max_batch": True})
+                add({**measure(name, found), "max_batch": True})
             else:
-                rows.append(dict(setting=name + suffix, batch=args.batch[0], oom=True))
+                add(dict(setting=name + suffix, batch=args.batch[0], oom=True))
     for b in args.batch if not args.max_batch else []:
         loader = build_bench_loader(cfg, args.data, b, workers, device) if args.data else None
         if loader is not None:
-            rows.append(dict(setting="loader", batch=b, img_s=time_loader(loader, device, args.steps, args.warmup),
-                             workers=workers))
+            add(dict(setting="loader", batch=b, img_s=time_loader(loader, device, args.steps, args.warmup),
+                     workers=workers))
         for name in args.ladder:
             last = name == args.ladder[-1] and b == args.batch[-1]
-            rows.append(measure(name, b, profile=args.profile if last else None))
+            add(measure(name, b, profile=args.profile if last else None))
             if loader is not None:
-                rows.append(measure(name, b, loader, split=False))
-    base = {}
-    for r in rows:
-        if "tflops" in r:
-            r["speedup"] = r["img_s"] / base.setdefault(r["batch"], r["img_s"])
+                add(measure(name, b, loader, split=False))
     print(f"recipe {args.recipe}: {student_gflop:.1f} GFLOP/img student fwd+bwd"
           + (f" + {max(r.get('teacher_gflop', 0) for r in rows):.1f} teacher fwd" if teacher_dim else ""))
     print(f"{'setting':22s} {'batch':>5s} {'img/s':>8s} {'x first':>7s} {'TFLOP/s':>8s} {'MFU%':>5s} "
           f"{'peak GiB':>8s} {'teacher%':>8s} {'student%':>8s} {'optim%':>6s}")
     for r in rows:
-        head = f"{r['setting']:22s} {r['batch']:5d}"
-        if r.get("oom"):
-            print(f"{head}  out of memory")
-        elif r["setting"] == "loader":
-            print(f"{head} {r['img_s']:8.1f}  (the loader alone, {r['workers']} workers)")
-        else:
-            split = (f"{r['teacher_pct']:8.1f} {r['student_pct']:8.1f} {r['optimizer_pct']:6.1f}"
-                     if "teacher_pct" in r else f"{'-':>8s} {'-':>8s} {'-':>6s}")
-            print(f"{head} {r['img_s']:8.1f} {r['speedup']:7.2f} {r['tflops']:8.1f} {r['mfu_pct']:5.1f} "
-                  f"{r.get('peak_gib', float('nan')):8.1f} {split}" + ("  largest batch" if r.get("max_batch") else ""))
+        print(format_row(r))
     for r in rows:
         if "host_reads" in r:
             cuda = "" if r["cuda_syncs"] is None else f", {r['cuda_syncs']} synchronising CUDA calls"
             print(f"{r['setting']} (batch {r['batch']}): one step made {r['host_reads']} host reads of tensor values"
                   f"{cuda}" + (f"\n{r['sync_report']}" if r["sync_report"] else ""))
     return rows
+
+
+def release(device) -> None:
+    """Free what a failed setting left on the device before the next one."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def format_row(r: dict) -> str:
+    head = f"{r['setting']:22s} {r['batch']:5d}"
+    if r.get("oom"):
+        return f"{head}  out of memory"
+    if "error" in r:
+        return f"{head}  FAILED: {r['error'].splitlines()[0][:200]}"
+    if r["setting"] == "loader":
+        return f"{head} {r['img_s']:8.1f}  (the loader alone, {r['workers']} workers)"
+    split = (f"{r['teacher_pct']:8.1f} {r['student_pct']:8.1f} {r['optimizer_pct']:6.1f}"
+             if "teacher_pct" in r else f"{'-':>8s} {'-':>8s} {'-':>6s}")
+    return (f"{head} {r['img_s']:8.1f} {r['speedup']:7.2f} {r['tflops']:8.1f} {r['mfu_pct']:5.1f} "
+            f"{r.get('peak_gib', float('nan')):8.1f} {split}" + ("  largest batch" if r.get("max_batch") else ""))
 
 
 if __name__ == "__main__":

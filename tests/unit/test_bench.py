@@ -74,6 +74,35 @@ def test_largest_batch_search():
     assert bench.largest_batch(fits(37), 32, 4096) == 32        # within the granularity of 8
 
 
+def test_bench_keeps_going_past_a_failing_setting_and_writes_rows_as_they_finish(capsys, tmp_path, monkeypatch):
+    """A GPU run cut off by its time limit, or one setting that breaks (a kernel's first
+    compile, say), must not lose the rows already measured: each row is in the JSON file as
+    soon as it is measured, a failing setting becomes a row with its error, the next setting
+    still runs, and the exit status says something failed."""
+    out = tmp_path / "b.jsonl"
+    real = bench.run_setting
+    seen_when_fused_ran = []
+
+    def run_setting(cfg, name, setting, *args, **kwargs):
+        if name == "fused":
+            seen_when_fused_ran.extend(json.loads(line)["setting"] for line in out.read_text().splitlines())
+            raise RuntimeError("triton: out of resources (planted)")
+        return real(cfg, name, setting, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_setting", run_setting)
+    assert bench.main(["--recipe", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                       "--ladder", "naive", "fused", "bf16", "--json", str(out)]) == 1
+    assert seen_when_fused_ran == ["naive"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["setting"] for r in records] == ["naive", "fused", "bf16"]
+    assert records[1]["error"] == "RuntimeError: triton: out of resources (planted)"
+    assert records[2]["img_s"] > 0 and records[2]["speedup"] > 0
+    text = capsys.readouterr().out
+    assert [ln.split()[1] for ln in text.splitlines() if ln.startswith("+ ")] == ["naive", "fused", "bf16"]
+    (failed,) = [ln for ln in text.splitlines() if ln.startswith("fused")]
+    assert "FAILED: RuntimeError: triton: out of resources (planted)" in failed
+
+
 def test_bench_max_batch_cli(capsys):
     assert bench.main(["--recipe", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
                        "--ladder", "fused", "--max-batch", "--max-batch-limit", "8"]) == 0
