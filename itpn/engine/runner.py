@@ -25,6 +25,7 @@ from ..data import build_finetune_loader
 from ..data.mixup import build_criterion, build_mixup
 from ..layers import set_attention_impl
 from ..layers.attention import triton_fallbacks
+from ..layers.block import misaligned_compiled_parameters
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
@@ -235,6 +236,14 @@ def _engine(module, cfg, ds_cfg, optimizer):
     import deepspeed
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
     sync_free_clipping(engine.optimizer)  # no host read of the gradient norm in the step
+    if engine.zero_optimization_stage() < 3:  # ZeRO-3 gathers its parameters only inside the forward
+        misaligned = misaligned_compiled_parameters(engine.module)
+        if misaligned:
+            raise ConfigError(
+                f"{len(misaligned)} parameters of compiled blocks are not 16-byte aligned after DeepSpeed's "
+                f"initialisation (first: {', '.join(misaligned[:3])}); the compiled kernels would fail on the GPU "
+                "with 'misaligned address'. Set zero_optimization.parameter_alignment: true in the ZeRO fragment "
+                "(ds_configs/zero1.json and zero2.json do) or deepspeed.compile=false")
     if cfg["deepspeed"]["compile"] and engine.zero_optimization_stage() == 3:
         log.warning("compiled blocks under ZeRO-3: dynamo traces DeepSpeed's parameter-gathering hooks of every "
                     "submodule (graph breaks, one compile per submodule type). Correct (tested on CPU), but the "

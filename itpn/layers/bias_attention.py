@@ -259,10 +259,13 @@ def _check(qkv: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int,
     B, N, _, H, d = qkv.shape
     if not _head_dim_ok(d):
         raise ValueError(f"bias_attention: head dim {d} must be a power of two >= 16")
+    # Any strides but a unit last one: inside a compiled graph inductor may hand over a bias whose
+    # rows it padded (comprehensive padding on CUDA: 196 -> 200 floats per row), which the kernels
+    # read through the strides they are given.
     if bias is not None and (tuple(bias.shape) not in ((H, N, N), (B, H, N, N)) or bias.dtype != torch.float32
-                             or not bias.is_contiguous()):
-        raise ValueError(f"bias_attention: bias must be a contiguous float32 ({H}, {N}, {N}) or ({B}, {H}, {N}, "
-                         f"{N}) tensor, got {tuple(bias.shape)} {bias.dtype}")
+                             or bias.stride(-1) != 1):
+        raise ValueError(f"bias_attention: bias must be a float32 ({H}, {N}, {N}) or ({B}, {H}, {N}, {N}) tensor "
+                         f"with unit last stride, got {tuple(bias.shape)} {bias.dtype} strides {bias.stride()}")
     return B, N, H, d
 
 
@@ -345,7 +348,7 @@ def _bias_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, bias: torch.
 @_bias_attention_backward.register_fake
 def _(grad, qkv, bias, out, lse, scale, bias_grad):
     B, N, H, d = _check(qkv, bias)
-    dbias = torch.empty_like(bias) if bias is not None and bias_grad else lse.new_empty(0)
+    dbias = bias.new_empty(bias.shape) if bias is not None and bias_grad else lse.new_empty(0)  # contiguous, as real
     return torch.empty(B, N, 3, H, d, dtype=qkv.dtype, device=qkv.device), dbias
 
 
@@ -375,7 +378,7 @@ _bias_attention.register_autograd(_backward, setup_context=_setup)
 def bias_attention(qkv: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v for q, k, v = qkv.unbind(2).
 
-    qkv: (B, N, 3, H, d), d a power of two >= 16; bias: float32, contiguous, (H, N, N) for
+    qkv: (B, N, 3, H, d), d a power of two >= 16; bias: float32, unit last stride, (H, N, N) for
     every sample or (B, H, N, N) per sample (None: no bias); scale defaults to d^-0.5.
     Returns (B, N, H, d)."""
     if scale is None:

@@ -125,3 +125,19 @@ def _two_regions(attention_residual, mlp_residual):
     def forward(block, x, rel_index, rel_grid):
         return mlp_residual(block, attention_residual(block, x, rel_index, rel_grid))
     return forward
+
+
+def misaligned_compiled_parameters(module: nn.Module, alignment: int = 16) -> list[str]:
+    """Parameters of compiled blocks whose storage does not start on an ``alignment``-byte
+    boundary. Inductor treats parameters as static inputs: it checks their alignment once,
+    when it compiles a graph, and its Triton kernels then assume it. Blocks of one shape share
+    that graph, so a parameter of another block that sits at an odd offset (a view into a
+    flat buffer, as DeepSpeed's ZeRO-1/2 makes without ``parameter_alignment``) is read with
+    16-byte vector loads: "CUDA error: misaligned address" on the GPU."""
+    names = []
+    for name, blk in module.named_modules():
+        if isinstance(blk, Block) and blk._compiled_forward is not None:
+            names += [f"{name}.{n}" for n, p in blk.named_parameters()
+                      if p.numel() and p.data_ptr() % alignment]
+    return names
+

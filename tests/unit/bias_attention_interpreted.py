@@ -51,6 +51,28 @@ def test_matches_reference_with_gradients(n, bias_shape, dtype):
         assert _rel(g, w) < tol
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_bias_with_padded_rows(per_sample):
+    """Inside a compiled graph on CUDA, inductor pads the rows of the bias buffer it hands to the
+    op (comprehensive padding: N = 196 floats per row -> 200); the first GPU run of the compiled
+    step failed on exactly that. The kernels read the bias through its strides: same values and
+    gradients as from a contiguous bias, and the bias gradient comes back contiguous."""
+    torch.manual_seed(3)
+    n = 20
+    qkv, bias, grad = _random(2, n, bias_shape=(2, 2) if per_sample else (2,))
+    padded = torch.zeros(*bias.shape[:-1], n + 4)[..., :n]
+    padded.copy_(bias.detach())
+    padded.requires_grad_()
+    assert not padded.is_contiguous() and padded.stride(-2) == n + 4
+    want = torch.autograd.grad(bias_attention(qkv, bias), (qkv, bias), grad)
+    out = bias_attention(qkv, padded)
+    got = torch.autograd.grad(out, (qkv, padded), grad)
+    assert _rel(out, reference(qkv, bias)) < 1e-5
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert got[1].is_contiguous()
+
+
 def test_bias_gradient_is_deterministic_and_skipped_when_frozen():
     torch.manual_seed(1)
     qkv, bias, grad = _random(3, 20)

@@ -27,8 +27,10 @@ def test_inputs_are_checked_by_name():
         bias_attention(torch.randn(2, 20, 2, 16))
     with pytest.raises(ValueError, match="head dim 24"):
         bias_attention(torch.randn(2, 20, 3, 2, 24))
-    with pytest.raises(ValueError, match=r"bias must be a contiguous float32 \(2, 20, 20\).*\(2, 20, 19\)"):
+    with pytest.raises(ValueError, match=r"bias must be a float32 \(2, 20, 20\).*\(2, 20, 19\)"):
         bias_attention(torch.randn(2, 20, 3, 2, 16), torch.randn(2, 20, 19))
+    with pytest.raises(ValueError, match=r"unit last stride.*strides \(1, 2, 40\)"):
+        bias_attention(torch.randn(2, 20, 3, 2, 16), torch.randn(20, 20, 2).permute(2, 1, 0))
     with pytest.raises(ValueError, match="torch.bfloat16"):
         bias_attention(torch.randn(2, 20, 3, 2, 16), torch.randn(2, 20, 20).bfloat16())
     with pytest.raises(RuntimeError, match="runs on CUDA tensors.*TRITON_INTERPRET=1"):
