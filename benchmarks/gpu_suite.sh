@@ -51,6 +51,15 @@ limited() {
   fi || echo "FAILED or timed out (limit ${s}s, status $?): $*"
 }
 
+# `gpu_tests SECONDS`: tests/gpu on 8 workers, each test's name and result printed as it ends
+# (-v) and each test stopped after 45 s (pytest-timeout, in the GPU image), so that a limit
+# that cuts the run short still says which tests failed; the full log is $OUT/gpu_tests.txt.
+# (The two leases of 2026-12-04 ran them with -q under a limit and learnt only "4 failed".)
+gpu_tests() {
+  limited "$1" "$PY" -m pytest -v -n 8 --timeout 45 -rfE --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -60 || true
+}
+
 case "${1:?part: first | second | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
   first)  # one short lease (one call of <= 10 minutes): the headline numbers first. Each command has
     # its own time limit, so that one that hangs or compiles too long leaves time to the next; the
@@ -59,8 +68,7 @@ case "${1:?part: first | second | check | clip_l | memory | memory_ckpt | offloa
     nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
     limited 290 bench --recipe clip_l --batch 128 --steps 10 --ladder naive fused fold triton mlp \
       --profile "$OUT/profile_clip_l_mlp.txt"
-    limited 130 "$PY" -m pytest -q -n 4 tests/gpu > "$OUT/gpu_tests.txt" 2>&1
-    tail -30 "$OUT/gpu_tests.txt"
+    gpu_tests 130
     limited 90 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
     limited 70 bench --recipe clip_l --batch 128 --steps 10 --ladder fp8
     limited 35 "$PY" benchmarks/bench_attention.py ;;
@@ -69,11 +77,10 @@ case "${1:?part: first | second | check | clip_l | memory | memory_ckpt | offloa
     # bias rows), and the GPU tests. ~5.3 minutes: run(carry=[".whl"], timeout_s=320, ...).
     limited 85 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
     limited 115 bench --recipe clip_l --batch 128 --steps 10 --ladder triton
-    limited 70 "$PY" -m pytest -q -n 8 -rfE --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/gpu_tests.txt" | tail -40
+    gpu_tests 70
     limited 45 bench --recipe clip_l --batch 128 --steps 10 --ladder mlp ;;
   check)
-    "$PY" -m pytest -q tests/gpu
+    gpu_tests 540
     "$PY" benchmarks/bench_attention.py ;;
   clip_l)
     bench --recipe clip_l --batch 128 --steps 10 --profile "$OUT/profile_clip_l_compile.txt"
