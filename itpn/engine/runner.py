@@ -247,7 +247,9 @@ def _engine(module, cfg, ds_cfg, optimizer):
     if cfg["deepspeed"]["compile"] and engine.zero_optimization_stage() == 3:
         log.warning("compiled blocks under ZeRO-3: dynamo traces DeepSpeed's parameter-gathering hooks of every "
                     "submodule (graph breaks, one compile per submodule type). Correct (tested on CPU), but the "
-                    "measured configurations are ZeRO-1/2 with compiled blocks")
+                    "measured configurations are ZeRO-1/2 with compiled blocks, and ZeRO-3 gathers parameters into "
+                    "buffers padded only to the world size: a gathered parameter at an 8-byte offset would fail "
+                    "the compiled kernels on a GPU with 'misaligned address' (docs/performance.md, 'On an H200')")
     return engine
 
 
