@@ -45,7 +45,7 @@ bench() { echo "+ itpn-bench $*"; "$PY" -m itpn.cli.bench --json "$OUT/bench.jso
 limited() {
   local s=$1; shift
   if [ "$(type -t "$1")" = function ]; then
-    timeout -k 10 "$s" bash -c "$(declare -f bench); PY=$PY OUT=$OUT; $(printf '%q ' "$@")"
+    timeout -k 10 "$s" bash -c "$(declare -f bench); PY=$(printf %q "$PY") OUT=$(printf %q "$OUT"); $(printf '%q ' "$@")"
   else
     timeout -k 10 "$s" "$@"
   fi || echo "FAILED or timed out (limit ${s}s, status $?): $*"

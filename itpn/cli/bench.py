@@ -600,9 +600,7 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
         except Exception as e:  # noqa: BLE001 - reported as a row and in the exit status
             if not contain:
                 raise
-            traceback.print_exc()
-            release(device)
-            return dict(setting=label, batch=batch, error=f"{type(e).__name__}: {e}"[:500])
+            return failed_row(label, batch, e, device)
         gflop = student_gflop + r["teacher_gflop"]
         r.update(recipe=args.recipe, gflop_per_img=gflop, tflops=r["img_s"] * gflop / 1e3,
                  mfu_pct=100 * r["img_s"] * gflop / 1e3 / peak if math.isfinite(peak) else float("nan"))
@@ -625,9 +623,7 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
                 found = largest_batch(lambda b: not measure(name, b, steps=1, split=False, contain=False).get("oom"),
                                       args.batch[0], args.max_batch_limit)
             except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                release(device)
-                add(dict(setting=name + suffix, batch=args.batch[0], error=f"{type(e).__name__}: {e}"[:500]))
+                add(failed_row(name + suffix, args.batch[0], e, device))
                 continue
             if found:
                 add({**measure(name, found), "max_batch": True})
@@ -655,6 +651,13 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
             print(f"{r['setting']} (batch {r['batch']}): one step made {r['host_reads']} host reads of tensor values"
                   f"{cuda}" + (f"\n{r['sync_report']}" if r["sync_report"] else ""))
     return rows
+
+
+def failed_row(label: str, batch: int, error: Exception, device) -> dict:
+    """The row of a setting that raised: its traceback printed, the device freed for the next one."""
+    traceback.print_exc()
+    release(device)
+    return dict(setting=label, batch=batch, error=f"{type(error).__name__}: {error}"[:500])
 
 
 def release(device) -> None:
