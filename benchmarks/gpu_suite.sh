@@ -51,16 +51,17 @@ limited() {
   fi || echo "FAILED or timed out (limit ${s}s, status $?): $*"
 }
 
-# `gpu_tests SECONDS`: tests/gpu on 8 workers, each test's name and result printed as it ends
-# (-v) and each test stopped after 45 s (pytest-timeout, in the GPU image), so that a limit
+# `gpu_tests SECONDS [PER_TEST]`: tests/gpu on 8 workers, each test's name and result printed as it ends
+# (-v) and each test stopped after PER_TEST s (default 45) (pytest-timeout, in the GPU image), so that a limit
 # that cuts the run short still says which tests failed; the full log is $OUT/gpu_tests.txt.
 # (The two leases of 2026-12-04 ran them with -q under a limit and learnt only "4 failed".)
 gpu_tests() {
-  limited "$1" "$PY" -m pytest -v -n 8 --timeout 45 -rfE --tb=short tests/gpu > "$OUT/gpu_tests.txt" 2>&1
+  limited "$1" "$PY" -m pytest -v -n 8 --timeout "${2:-45}" -p no:benchmark -rfE --tb=short tests/gpu \
+    > "$OUT/gpu_tests.txt" 2>&1
   grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -60 || true
 }
 
-case "${1:?part: first | second | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
+case "${1:?part: first | second | third | fourth | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
   first)  # one short lease (one call of <= 10 minutes): the headline numbers first. Each command has
     # its own time limit, so that one that hangs or compiles too long leaves time to the next; the
     # benchmark writes every row to bench.jsonl as it is measured and goes on past a failing setting.
@@ -79,6 +80,16 @@ case "${1:?part: first | second | check | clip_l | memory | memory_ckpt | offloa
     limited 115 bench --recipe clip_l --batch 128 --steps 10 --ladder triton
     gpu_tests 70
     limited 45 bench --recipe clip_l --batch 128 --steps 10 --ladder mlp ;;
+  third)  # the next lease after `second` (~9.5 minutes: run(carry=[".whl"], timeout_s=600, ...)): the
+    # GPU tests by name, the trainer's setting (ZeRO-1 + compiled blocks) with time to compile,
+    # the fused-MLP row with the compiled step's kernel profile, and iTPN-B + CLIP-B/16
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
+    gpu_tests 180 150
+    limited 170 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
+    limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder mlp --profile "$OUT/profile_clip_l_mlp.txt"
+    limited 95 bench --recipe clip_b --batch 256 --steps 10 --ladder fold ;;
+  fourth)  # what `third` leaves, if the machine is still warm (~2 minutes)
+    limited 110 bench --recipe pixel_l --batch 256 --steps 8 --ladder fold ;;
   check)
     gpu_tests 540
     "$PY" benchmarks/bench_attention.py ;;
