@@ -61,7 +61,7 @@ gpu_tests() {
   grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -60 || true
 }
 
-case "${1:?part: first | second | third | fourth | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
+case "${1:?part: first | second | third | fourth | fifth | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
   first)  # one short lease (one call of <= 10 minutes): the headline numbers first. Each command has
     # its own time limit, so that one that hangs or compiles too long leaves time to the next; the
     # benchmark writes every row to bench.jsonl as it is measured and goes on past a failing setting.
@@ -90,6 +90,10 @@ case "${1:?part: first | second | third | fourth | check | clip_l | memory | mem
     limited 95 bench --recipe clip_b --batch 256 --steps 10 --ladder fold ;;
   fourth)  # what `third` leaves, if the machine is still warm (~2 minutes)
     limited 110 bench --recipe pixel_l --batch 256 --steps 8 --ladder fold ;;
+  fifth)  # after `third` (2026-12-04): the ZeRO-1 step without DeepSpeed's device syncs and with
+    # the fp32 bias-table gather, and the GPU tests that failed there (~3.5 minutes)
+    limited 140 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
+    limited 75 "$PY" -m pytest -v -n 4 --timeout 70 -p no:benchmark -rfE --tb=short tests/gpu -k "deepspeed or fp8_gemms" ;;
   check)
     gpu_tests 540
     "$PY" benchmarks/bench_attention.py ;;

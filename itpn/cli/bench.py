@@ -354,7 +354,8 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
 
 def count_host_syncs(step, device) -> dict:
     """Host-device synchronisations in one step: "host_reads", the reads of tensor values
-    that HostSyncWatch sees from Python (any device), and on CUDA "cuda_syncs", every
+    that HostSyncWatch sees from Python (any device), "accelerator_syncs", DeepSpeed's
+    device synchronisations (any device), and on CUDA "cuda_syncs", every
     synchronising CUDA call that the sync debug mode reports (from C++ too); "sync_report"
     says where."""
     import warnings
@@ -374,9 +375,12 @@ def count_host_syncs(step, device) -> dict:
             torch.cuda.set_sync_debug_mode("default")
     if cuda:  # reads of host tensors (e.g. an unfused optimizer's step counts) do not synchronise
         watch.calls = [c for c in watch.calls if c[2] != "cpu"]
-    cuda_syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    report = "\n".join(filter(None, [watch.report(6)] + [f"    1 x CUDA: {m}" for m in cuda_syncs]))
-    return dict(host_reads=len(watch.calls), cuda_syncs=len(cuda_syncs) if cuda else None, sync_report=report)
+    cuda_syncs = [f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}: {str(w.message).splitlines()[0]}"
+                  for w in caught if "synchroniz" in str(w.message)]
+    report = "\n".join(filter(None, [watch.report(6)] + [f"    1 x CUDA at {m}" for m in cuda_syncs]))
+    accelerator = sum(c[2] == "accelerator" for c in watch.calls)
+    return dict(host_reads=len(watch.calls) - accelerator, accelerator_syncs=accelerator,
+                cuda_syncs=len(cuda_syncs) if cuda else None, sync_report=report)
 
 
 #: Kernel (or, on the CPU, operator) name -> category of the profile summary; first match wins,
@@ -648,8 +652,8 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
     for r in rows:
         if "host_reads" in r:
             cuda = "" if r["cuda_syncs"] is None else f", {r['cuda_syncs']} synchronising CUDA calls"
-            print(f"{r['setting']} (batch {r['batch']}): one step made {r['host_reads']} host reads of tensor values"
-                  f"{cuda}" + (f"\n{r['sync_report']}" if r["sync_report"] else ""))
+            print(f"{r['setting']} (batch {r['batch']}): one step made {r['host_reads']} host reads of tensor values, "
+                  f"{r.get('accelerator_syncs', 0)} DeepSpeed accelerator synchronisations{cuda}" + (f"\n{r['sync_report']}" if r["sync_report"] else ""))
     return rows
 
 

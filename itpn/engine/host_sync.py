@@ -14,6 +14,7 @@ only at log and checkpoint steps; this module holds
 
 from __future__ import annotations
 
+import sys
 import traceback
 import types
 
@@ -51,6 +52,31 @@ class HostSyncWatch(TorchFunctionMode):
         super().__init__()
         self.ignore = set(ignore)
         self.calls: list[tuple[str, list, str]] = []
+
+    def __enter__(self):
+        # DeepSpeed synchronises the whole device through its accelerator (its throughput
+        # timer; with overlap_comm, before every gradient bucket on CUDA): no tensor is read,
+        # so the mode alone would not see it. Recorded as "accelerator.synchronize", device
+        # "accelerator". (On the CPU accelerator the overlap_comm syncs are skipped: it
+        # "resolves data dependencies"; the GPU's sync debug mode sees those.)
+        self._accelerator = None
+        if "deepspeed.accelerator" in sys.modules:
+            from deepspeed.accelerator import get_accelerator
+            acc, real = get_accelerator(), get_accelerator().synchronize
+
+            def synchronize(*args, **kwargs):
+                stack = traceback.extract_stack()[:-1]
+                if not any(f.name in self.ignore for f in stack):
+                    self.calls.append(("accelerator.synchronize", stack, "accelerator"))
+                return real(*args, **kwargs)
+            acc.synchronize = synchronize
+            self._accelerator = acc
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._accelerator is not None:
+            del self._accelerator.synchronize  # the class's method again
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -139,7 +139,11 @@ class Attention(nn.Module):
     def rel_pos_bias(self, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Bias for an index of shape (n, n) -> (1, H, n, n), or (B, n, n) -> (B, H, n, n);
         ``grid`` is the (h, w) token grid the index was built for."""
-        table = self.relative_position_bias_table
+        # Gathered in fp32 even when the weights are bf16/fp16 (DeepSpeed's bf16 engine): the
+        # gather's backward adds every query-key pair's gradient into a few hundred table
+        # entries, which in bf16 rounds at every add (1.2% error on the CPU) and on CUDA runs as
+        # compare-and-swap loops: 49 ms of a 317 ms iTPN-L step on an H200 (docs/performance.md).
+        table = self.relative_position_bias_table.float()
         if tuple(grid) != (self.rel_pos_grid, self.rel_pos_grid):
             table = resize_rel_pos_table(table, grid)
         bias = table[index]  # (..., n, n, H)

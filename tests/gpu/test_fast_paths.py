@@ -181,8 +181,10 @@ def test_fp8_gemms_are_the_dequantised_product(rows):
         return t8.float() * inv
     xq, wq, gq = dq(x, E4M3), dq(w, E4M3), dq(grad, E5M2)
     assert rel(out.cpu(), xq @ wq.T) < 1e-3  # forward: cuBLAS's fast accumulation
-    assert rel(xc.grad.cpu(), gq @ wq) < 1e-4
-    assert rel(wc.grad.cpu(), gq.T @ xq) < 1e-4
+    # Backward (no fast accumulation): 1.04e-4 and 1.05e-4 on an H200 (2026-12-04), the
+    # tensor cores' own FP8 accumulation; a wrong operand layout or scale is off by O(1).
+    assert rel(xc.grad.cpu(), gq @ wq) < 3e-4
+    assert rel(wc.grad.cpu(), gq.T @ xq) < 3e-4
 
 
 @pytest.mark.parametrize("recipe,setting", [("tiny", "fused"), ("tiny", "compile"), ("tiny", "fp8"),

@@ -186,4 +186,5 @@ def test_bench_check_syncs_counts_host_reads(tmp_path):
                            "--json", str(tmp_path / "z.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in (tmp_path / "z.jsonl").read_text().splitlines()]
-    assert row["zero_stage"] == 1 and row["host_reads"] == 0, row["sync_report"]
+    # ... and DeepSpeed does not synchronise the device (its throughput timer did, twice a step)
+    assert row["zero_stage"] == 1 and row["host_reads"] == 0 and row["accelerator_syncs"] == 0, row["sync_report"]
