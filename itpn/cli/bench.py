@@ -355,32 +355,41 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
 def count_host_syncs(step, device) -> dict:
     """Host-device synchronisations in one step: "host_reads", the reads of tensor values
     that HostSyncWatch sees from Python (any device), "accelerator_syncs", DeepSpeed's
-    device synchronisations (any device), and on CUDA "cuda_syncs", every
-    synchronising CUDA call that the sync debug mode reports (from C++ too); "sync_report"
-    says where."""
+    device synchronisations (any device), and on CUDA "cuda_syncs", every synchronising
+    CUDA call that the sync debug mode reports (from C++ too); "sync_report" says where,
+    with the Python stack of each. The step is run twice under the watch and the second is
+    counted: dynamo recompiles compiled blocks for the mode on the stack, and compiling
+    synchronises (seen on the H200: inductor's joint-graph pass, in the first watched step)."""
     import warnings
 
     from ..engine.host_sync import HostSyncWatch
-    watch = HostSyncWatch()
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught, watch:
-            warnings.simplefilter("always")
-            step()
-    finally:
+    for _ in range(2):
+        watch, stacks = HostSyncWatch(), []
+
+        def record(message, *args, **kwargs):
+            if "synchroniz" in str(message):
+                stacks.append(traceback.extract_stack()[:-1])
         if cuda:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(), watch:
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                step()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
     if cuda:  # reads of host tensors (e.g. an unfused optimizer's step counts) do not synchronise
         watch.calls = [c for c in watch.calls if c[2] != "cpu"]
-    cuda_syncs = [f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}: {str(w.message).splitlines()[0]}"
-                  for w in caught if "synchroniz" in str(w.message)]
-    report = "\n".join(filter(None, [watch.report(6)] + [f"    1 x CUDA at {m}" for m in cuda_syncs]))
+    sites = [" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                         for f in reversed([f for f in stack if not f.filename.endswith(("warnings.py", "host_sync.py"))][-6:]))
+             for stack in stacks]
+    report = "\n".join(filter(None, [watch.report(6)] + [f"    1 x CUDA sync at {site}" for site in sites]))
     accelerator = sum(c[2] == "accelerator" for c in watch.calls)
     return dict(host_reads=len(watch.calls) - accelerator, accelerator_syncs=accelerator,
-                cuda_syncs=len(cuda_syncs) if cuda else None, sync_report=report)
+                cuda_syncs=len(stacks) if cuda else None, sync_report=report)
 
 
 #: Kernel (or, on the CPU, operator) name -> category of the profile summary; first match wins,

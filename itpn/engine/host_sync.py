@@ -9,7 +9,8 @@ only at log and checkpoint steps; this module holds
   call stack. It sees the operations themselves, so it works on the CPU as well (the CUDA
   sync debug mode needs a GPU): the tests run the real trainer, DeepSpeed included, under it.
 * :func:`sync_free_clipping`, which removes the one read DeepSpeed's ZeRO-1/2 optimizer makes
-  per step when it clips gradients.
+  per step when it clips gradients, and :func:`sync_free_norm_masking`, which removes the
+  host-to-device copy its gradient-norm code makes per parameter group.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def _bool_index(args) -> bool:
     index = args[1] if len(args) > 1 else None
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _host_data_device(func, args, kwargs) -> str | None:
+    """``torch.tensor(0.5, device=d)``: Python data copied to device ``d``. From pageable
+    memory, CUDA's copy waits for the stream (the sync debug mode flags it), so the step
+    makes none; on the CPU an explicit ``device=`` marks the same call. Returns d's type."""
+    if func not in (torch.tensor, torch.as_tensor) or kwargs.get("device") is None:
+        return None
+    if args and isinstance(args[0], torch.Tensor):
+        return None
+    return torch.device(kwargs["device"]).type
 
 
 class HostSyncWatch(TorchFunctionMode):
@@ -80,7 +92,12 @@ class HostSyncWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in SYNC_OPS or (func is torch.Tensor.__getitem__ and _bool_index(args)):
+        copied_to = _host_data_device(func, args, kwargs)
+        if copied_to is not None:
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.name in self.ignore for f in stack):
+                self.calls.append((f"{func.__name__}(host data, device=...)", stack, copied_to))
+        elif func in SYNC_OPS or (func is torch.Tensor.__getitem__ and _bool_index(args)):
             stack = traceback.extract_stack()[:-1]
             if not any(f.name in self.ignore for f in stack):
                 tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -130,3 +147,25 @@ def sync_free_clipping(optimizer) -> bool:
         return False
     optimizer.unscale_and_clip_grads = types.MethodType(_clip_on_device, optimizer)
     return True
+
+
+def _mask_invalid_norm(input, device=None, val=-1.0):
+    """DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` (0.19.8: a NaN or inf gradient norm
+    becomes the -1 sentinel, whatever ``val`` says) without its ``torch.tensor(-1.0,
+    device=...)``: a Python scalar fill needs no host-to-device copy, which on CUDA waits
+    for the stream (four per ZeRO-1 step of iTPN-L on the H200, 2026-12-04)."""
+    input.masked_fill_(input.isnan().logical_or(input.isinf()), -1.0)
+
+
+def sync_free_norm_masking() -> None:
+    """Use :func:`_mask_invalid_norm` in DeepSpeed's gradient-norm code (ZeRO-1/2, ZeRO-3 and
+    the unpartitioned ``get_global_norm`` path); the same values, no copy. Idempotent."""
+    import deepspeed.runtime.utils as ds_utils
+    import deepspeed.runtime.zero.stage3 as stage3
+    import deepspeed.runtime.zero.stage_1_and_2 as stage12
+
+    if ds_utils.mask_nan_or_inf_with_val_inplace is not _mask_invalid_norm:
+        _mask_invalid_norm.replaces = ds_utils.mask_nan_or_inf_with_val_inplace  # for the test
+    for module in (ds_utils, stage12, stage3):
+        if hasattr(module, "mask_nan_or_inf_with_val_inplace"):
+            module.mask_nan_or_inf_with_val_inplace = _mask_invalid_norm

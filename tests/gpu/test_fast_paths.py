@@ -226,4 +226,4 @@ def test_deepspeed_zero1_step_has_no_host_sync(tmp_path, setting):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["zero_stage"] == 1
-    assert row["host_reads"] == 0 and row["cuda_syncs"] == 0, row["sync_report"]
+    assert row["host_reads"] == 0 and row["accelerator_syncs"] == 0 and row["cuda_syncs"] == 0, row["sync_report"]

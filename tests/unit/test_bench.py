@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from itpn.cli import bench
 
@@ -188,3 +189,19 @@ def test_bench_check_syncs_counts_host_reads(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "z.jsonl").read_text().splitlines()]
     # ... and DeepSpeed does not synchronise the device (its throughput timer did, twice a step)
     assert row["zero_stage"] == 1 and row["host_reads"] == 0 and row["accelerator_syncs"] == 0, row["sync_report"]
+
+
+def test_count_host_syncs_counts_a_second_step_and_says_where_syncs_happen():
+    # The first watched step may recompile compiled blocks (which synchronises): only the
+    # second counts. A sync warning (CUDA's sync debug mode raises them from C++) is reported
+    # with the Python stack that triggered it.
+    import warnings
+    calls = []
+
+    def step():
+        calls.append(len(calls))
+        warnings.warn("called a synchronizing CUDA operation" if len(calls) == 2 else "other")
+    row = bench.count_host_syncs(step, torch.device("cpu"))
+    assert calls == [0, 1] and row["host_reads"] == 0 and row["cuda_syncs"] is None
+    (line,) = row["sync_report"].splitlines()
+    assert line.startswith("    1 x CUDA sync at test_bench.py:") and " step <- " in line
