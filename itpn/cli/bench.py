@@ -362,7 +362,7 @@ def count_host_syncs(step, device) -> dict:
     synchronises (seen on the H200: inductor's joint-graph pass, in the first watched step)."""
     import warnings
 
-    from ..engine.host_sync import HostSyncWatch
+    from ..engine.host_sync import HostSyncWatch, call_site
     cuda = device.type == "cuda"
     for _ in range(2):
         watch, stacks = HostSyncWatch(), []
@@ -383,8 +383,7 @@ def count_host_syncs(step, device) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
     if cuda:  # reads of host tensors (e.g. an unfused optimizer's step counts) do not synchronise
         watch.calls = [c for c in watch.calls if c[2] != "cpu"]
-    sites = [" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
-                         for f in reversed([f for f in stack if not f.filename.endswith(("warnings.py", "host_sync.py"))][-6:]))
+    sites = [call_site([f for f in stack if not f.filename.endswith(("warnings.py", "host_sync.py"))], 6)
              for stack in stacks]
     report = "\n".join(filter(None, [watch.report(6)] + [f"    1 x CUDA sync at {site}" for site in sites]))
     accelerator = sum(c[2] == "accelerator" for c in watch.calls)

@@ -238,6 +238,14 @@ class ShardStream(IterableDataset):
             reader.close()
 
 
+
+def _norm_constants(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 -> normalised float: (scale, shift) on ``device``, made once per loader and device
+    (a host-to-device copy, so never per step: tests/integration/test_host_sync.py)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * s), -m / s
+
 class ShardLoader:
     """The trainer-facing loader: ``len()``, ``set_epoch``, iteration, ``state_dict``.
 
@@ -309,9 +317,7 @@ class ShardLoader:
         for name, (mean, std) in tf.device_norms().items():
             key = (name, str(device))
             if key not in self._norm_cache:
-                m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-                s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-                self._norm_cache[key] = (1.0 / (255.0 * s), -m / s)
+                self._norm_cache[key] = _norm_constants(mean, std, device)
             scale, shift = self._norm_cache[key]
             out[name] = torch.addcmul(shift, out[name].to(torch.float32), scale)
         if hasattr(tf, "device_erasing"):

@@ -154,7 +154,7 @@ def deepspeed_config(cfg: dict, world_size: int) -> dict:
     ds["steps_per_print"] = 10 ** 9  # our logger speaks; DeepSpeed's would interleave
     ds["wall_clock_breakdown"] = False
     # DeepSpeed's throughput timer (on by default) synchronises the device at every forward
-    # and every step; our loop measures throughput with device events instead.
+    # and every step; our loop measures throughput over its logging interval instead.
     ds["timers"] = {"throughput": {"enabled": False}}
     n_prec = sum(bool(ds.get(k, {}).get("enabled")) for k in ("bf16", "fp16"))
     if n_prec > 1:

@@ -38,6 +38,11 @@ def _bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
+def call_site(stack: list, frames: int = 4) -> str:
+    """The innermost ``frames`` of a stack, innermost first: "file.py:12 fn <- ..."."""
+    return " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(stack[-frames:]))
+
+
 def _host_data_device(func, args, kwargs) -> str | None:
     """``torch.tensor(0.5, device=d)``: Python data copied to device ``d``. From pageable
     memory, CUDA's copy waits for the stream (the sync debug mode flags it), so the step
@@ -109,8 +114,7 @@ class HostSyncWatch(TorchFunctionMode):
         """One line per distinct call site, most frequent first."""
         counts: dict[str, int] = {}
         for name, stack, _ in self.calls:
-            site = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(stack[-frames:]))
-            key = f"{name} at {site}"
+            key = f"{name} at {call_site(stack, frames)}"
             counts[key] = counts.get(key, 0) + 1
         return "\n".join(f"{n:5d} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 

@@ -75,7 +75,7 @@ COMMON = ["optim.epochs=0.4", "optim.fused=true", "log.every_steps=3", "log.tens
 
 
 def watched_loop(run, cfg) -> dict:
-    watch = HostSyncWatch(ignore=("_log_step", "_check_finite", "mim_grid", "_check_keep_counts"))
+    watch = HostSyncWatch(ignore=("_log_step", "_check_finite", "mim_grid", "_check_keep_counts", "_norm_constants"))
     with watch:
         state = run(cfg)
     # Reads inside the loop's steps; the loader's own bookkeeping in the main process (torch's
