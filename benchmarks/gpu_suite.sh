@@ -7,6 +7,10 @@
 #                                     our fused MLP (kernel profile of the last), the GPU tests, the
 #                                     folded step inside DeepSpeed ZeRO-1 with its host-sync count,
 #                                     FP8 linears, the attention microbenchmark
+#   benchmarks/gpu_suite.sh fifth     the next lease after 2026-12-04's fourth session (~7 minutes): the
+#                                     trainer's ZeRO-1 step with its sync count, the DeepSpeed GPU
+#                                     tests, the step's kernel profile (second, third, fourth: what
+#                                     that day's leases ran, kept for their commands)
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
 #                                     blocks vs eager, no host sync in the step; the attention
 #                                     microbenchmark (bias-gradient cost, cuDNN backend)
@@ -91,9 +95,12 @@ case "${1:?part: first | second | third | fourth | fifth | check | clip_l | memo
   fourth)  # what `third` leaves, if the machine is still warm (~2 minutes)
     limited 110 bench --recipe pixel_l --batch 256 --steps 8 --ladder fold ;;
   fifth)  # after `third` (2026-12-04): the ZeRO-1 step without DeepSpeed's device syncs and with
-    # the fp32 bias-table gather, and the GPU tests that failed there (~3.5 minutes)
+    # the fp32 bias-table gather, the GPU tests that failed there, and the fixed step's kernel
+    # profile (~7 minutes: run(carry=[".whl"], timeout_s=450, ...))
     limited 140 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
-    limited 75 "$PY" -m pytest -v -n 4 --timeout 70 -p no:benchmark -rfE --tb=short tests/gpu -k "deepspeed or fp8_gemms" ;;
+    limited 150 "$PY" -m pytest -v -n 4 --timeout 140 -p no:benchmark -rfE --tb=short tests/gpu -k "deepspeed or fp8_gemms"
+    limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 \
+      --profile "$OUT/profile_clip_l_zero1.txt" ;;
   check)
     gpu_tests 540
     "$PY" benchmarks/bench_attention.py ;;

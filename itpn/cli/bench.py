@@ -661,7 +661,8 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
         if "host_reads" in r:
             cuda = "" if r["cuda_syncs"] is None else f", {r['cuda_syncs']} synchronising CUDA calls"
             print(f"{r['setting']} (batch {r['batch']}): one step made {r['host_reads']} host reads of tensor values, "
-                  f"{r.get('accelerator_syncs', 0)} DeepSpeed accelerator synchronisations{cuda}" + (f"\n{r['sync_report']}" if r["sync_report"] else ""))
+                  f"{r.get('accelerator_syncs', 0)} DeepSpeed accelerator synchronisations{cuda}"
+                  + (f"\n{r['sync_report']}" if r["sync_report"] else ""))
     return rows
 
 

@@ -238,13 +238,13 @@ class ShardStream(IterableDataset):
             reader.close()
 
 
-
 def _norm_constants(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 -> normalised float: (scale, shift) on ``device``, made once per loader and device
     (a host-to-device copy, so never per step: tests/integration/test_host_sync.py)."""
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return 1.0 / (255.0 * s), -m / s
+
 
 class ShardLoader:
     """The trainer-facing loader: ``len()``, ``set_epoch``, iteration, ``state_dict``.

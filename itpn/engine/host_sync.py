@@ -157,7 +157,7 @@ def _mask_invalid_norm(input, device=None, val=-1.0):
     """DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` (0.19.8: a NaN or inf gradient norm
     becomes the -1 sentinel, whatever ``val`` says) without its ``torch.tensor(-1.0,
     device=...)``: a Python scalar fill needs no host-to-device copy, which on CUDA waits
-    for the stream (four per ZeRO-1 step of iTPN-L on the H200, 2026-12-04)."""
+    for the stream (one per parameter group and step under ZeRO-1/2)."""
     input.masked_fill_(input.isnan().logical_or(input.isinf()), -1.0)
 
 
