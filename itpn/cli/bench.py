@@ -217,11 +217,12 @@ class TrainStep:
     Plain mode: the objective with a torch AdamW, autocast and (fp16) a GradScaler.
     ``zero=FRAGMENT``: the same objective inside a DeepSpeed engine built by the trainer's
     own code, with the recipe's DeepSpeed config whose ZeRO fragment is replaced by
-    ``FRAGMENT`` (e.g. ``zero3_offload``: parameters and optimizer state on the host, CPU AdamW).
+    ``FRAGMENT`` (e.g. ``zero3_offload``: parameters and optimizer state on the host, CPU AdamW)
+    and whose precision fragment is the setting's dtype or ``ds_precision`` (``bf16_autocast``).
     """
 
     def __init__(self, cfg: dict, setting: dict, batch: int, device, batches, ckpt_every: int = 0,
-                 zero: str | None = None):
+                 zero: str | None = None, ds_precision: str | None = None):
         self.dtype = DTYPES[setting["dtype"]]
         self.teacher = build_teacher(cfg, self.dtype, device)
         model = build_objective(cfg, self.teacher)
@@ -237,7 +238,8 @@ class TrainStep:
         self.batches, self.current = batches, {}
         self.engine = None
         if zero:
-            self.engine = deepspeed_engine(cfg, model, zero, setting["dtype"], setting["fused"], batch, device)
+            self.engine = deepspeed_engine(cfg, model, zero, ds_precision or setting["dtype"], setting["fused"], batch,
+                                           device)
             return
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -283,7 +285,8 @@ def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, fused: bool, batch
     from ..engine.param_groups import param_groups
     from ..engine.runner import _engine, _optimizer, init_distributed
     _, world, _, _ = init_distributed()
-    fragments = [f for f in cfg["deepspeed"]["fragments"] if not f.startswith("zero") and f not in DTYPES]
+    fragments = [f for f in cfg["deepspeed"]["fragments"]
+                 if not f.startswith("zero") and f not in DTYPES and not f.endswith("_autocast")]
     cfg = {**cfg, "deepspeed": {**cfg["deepspeed"], "fragments": [zero, dtype, *fragments], "grad_accum": 1},
            "data": {**cfg["data"], "batch_size": batch}, "optim": {**cfg["optim"], "total_batch": None, "fused": fused}}
     ds_cfg = deepspeed_config(cfg, world)
@@ -295,7 +298,7 @@ def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, fused: bool, batch
 
 def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
                 split: bool = True, profile: str | None = None, ckpt_every: int = 0, loader=None,
-                zero: str | None = None, check_syncs: bool = False) -> dict:
+                zero: str | None = None, check_syncs: bool = False, ds_precision: str | None = None) -> dict:
     torch._dynamo.reset()  # fresh graphs: a second batch size would otherwise recompile with dynamic shapes
     if loader is None:
         fixed = make_batch(cfg, batch, device)
@@ -303,7 +306,7 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
     else:
         batches = loader_batches(loader, device)
     with attention_impl(setting["attn"]):
-        step = TrainStep(cfg, setting, batch, device, batches, ckpt_every, zero)
+        step = TrainStep(cfg, setting, batch, device, batches, ckpt_every, zero, ds_precision)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(warmup):
@@ -545,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="loader worker processes (default: the recipe's data.num_workers)")
     parser.add_argument("--zero", help="run the step inside DeepSpeed with this ZeRO fragment of ds_configs/ "
                                        "(zero1, zero2, zero3, zero3_offload); the recipe's other fragments are kept")
+    parser.add_argument("--ds-precision", help="with --zero: the precision fragment in place of the setting's dtype "
+                                               "(bf16_autocast: fp32 weights under bf16 autocast, no bf16 copy)")
     parser.add_argument("--memory-gib", type=float, help="cap the GPU memory this process may use (emulates a "
                                                          "smaller GPU, e.g. 24)")
     parser.add_argument("--max-batch", action="store_true",
@@ -555,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="after timing, count the host-device synchronisations of one more step (host reads of "
                              "tensor values; on CUDA also CUDA's sync debug mode) and print where they happen")
     args = parser.parse_args(argv)
+    if args.ds_precision and not args.zero:
+        parser.error("--ds-precision applies to the DeepSpeed step: give --zero too")
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.memory_gib:
@@ -596,7 +603,7 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
         teacher_dim = build_teacher(cfg, torch.float32, "cpu").embed_dim
     student_gflop = count_student_flops(cfg, teacher_dim) / 1e9
     workers = cfg["data"]["num_workers"] if args.workers is None else args.workers
-    suffix = f"/{args.zero}" if args.zero else ""
+    suffix = (f"/{args.zero}" if args.zero else "") + (f"+{args.ds_precision}" if args.ds_precision else "")
     print(f"recipe {args.recipe}: {student_gflop:.1f} GFLOP/img student fwd+bwd", flush=True)
 
     def measure(name, batch, loader=None, steps=args.steps, split=True, profile=None, contain=True):
@@ -604,7 +611,7 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
         label = name + suffix + ("+data" if loader is not None else "")
         try:
             r = run_setting(cfg, label, LADDER[name], batch, steps, warm, device, split=split, profile=profile,
-                            ckpt_every=args.ckpt_every, loader=loader, zero=args.zero,
+                            ckpt_every=args.ckpt_every, loader=loader, zero=args.zero, ds_precision=args.ds_precision,
                             check_syncs=args.check_syncs and loader is None)
         except torch.OutOfMemoryError:
             release(device)

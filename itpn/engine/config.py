@@ -156,17 +156,30 @@ def deepspeed_config(cfg: dict, world_size: int) -> dict:
     # DeepSpeed's throughput timer (on by default) synchronises the device at every forward
     # and every step; our loop measures throughput over its logging interval instead.
     ds["timers"] = {"throughput": {"enabled": False}}
-    n_prec = sum(bool(ds.get(k, {}).get("enabled")) for k in ("bf16", "fp16"))
-    if n_prec > 1:
-        raise ConfigError(f"deepspeed.fragments {cfg['deepspeed']['fragments']} enable both bf16 and fp16")
+    enabled = [k for k in ("bf16", "fp16", "torch_autocast") if ds.get(k, {}).get("enabled")]
+    if len(enabled) > 1:
+        raise ConfigError(f"deepspeed.fragments {cfg['deepspeed']['fragments']} enable {' and '.join(enabled)}: "
+                          "choose one precision fragment (bf16, fp16, bf16_autocast or fp32)")
+    if "torch_autocast" in enabled and ds["torch_autocast"].get("dtype", "bfloat16") != "bfloat16":
+        raise ConfigError(f"deepspeed.fragments {cfg['deepspeed']['fragments']}: torch_autocast.dtype "
+                          f"{ds['torch_autocast']['dtype']!r} is not supported (bfloat16 only: fp16 would need a "
+                          "loss scaler)")
     return ds
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def autocast_weights(ds: dict) -> bool:
+    """fp32 weights under bf16 autocast (``bf16_autocast``), rather than DeepSpeed's bf16 weights
+    with fp32 master copies: code that calls the module outside the engine's forward (evaluation,
+    EMA) must open the autocast itself."""
+    return bool(ds.get("torch_autocast", {}).get("enabled"))
+
+
 def precision(ds: dict) -> str:
-    if ds.get("bf16", {}).get("enabled"):
+    """The dtype the model computes in (its inputs are cast to it; the teacher runs in it)."""
+    if ds.get("bf16", {}).get("enabled") or ds.get("torch_autocast", {}).get("enabled"):
         return "bf16"
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"

@@ -173,3 +173,24 @@ def sync_free_norm_masking() -> None:
     for module in (ds_utils, stage12, stage3):
         if hasattr(module, "mask_nan_or_inf_with_val_inplace"):
             module.mask_nan_or_inf_with_val_inplace = _mask_invalid_norm
+
+
+def sync_free_fp32_clip(engine) -> bool:
+    """An engine without ZeRO and without DeepSpeed's bf16/fp16 optimizers (``zero0`` with
+    ``bf16_autocast`` or ``fp32``) clips with DeepSpeed's ``clip_grad_norm_``, which copies two
+    Python scalars to the device and scales the gradients one by one. In its place, on this
+    instance: torch's ``clip_grad_norm_`` (foreach, no host read; the same coefficient
+    ``min(1, max_norm / (norm + 1e-6))``), whose norm is kept as the engine's global gradient
+    norm for the loop's finiteness check and its log (DeepSpeed leaves it None there).
+    Model parallelism, which DeepSpeed's version accounts for, is not used here. Returns
+    whether it applied."""
+    if (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()
+            or engine.gradient_clipping() <= 0.0):
+        return False
+
+    def clip():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.gradient_clipping(), foreach=True)
+        return engine._global_grad_norm
+    engine.clip_fp32_gradients = clip
+    return True

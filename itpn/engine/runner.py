@@ -31,9 +31,9 @@ from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
                     build_val_loader, finetune_augment, pretrain_loader, register_fused_mlp_params)
 from .checkpoint import CheckpointManager, atomic_torch_save
-from .config import DTYPES, ConfigError, deepspeed_config, precision, write_run_config
+from .config import DTYPES, ConfigError, autocast_weights, deepspeed_config, precision, write_run_config
 from .faults import maybe_die, maybe_inf_grad
-from .host_sync import sync_free_clipping, sync_free_norm_masking
+from .host_sync import sync_free_clipping, sync_free_fp32_clip, sync_free_norm_masking
 from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
 from .param_groups import param_groups
 from .schedules import Schedule, scaled_lr
@@ -237,6 +237,7 @@ def _engine(module, cfg, ds_cfg, optimizer):
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
     sync_free_clipping(engine.optimizer)  # no host read of the gradient norm in the step
     sync_free_norm_masking()  # and no host-to-device copy in computing it
+    sync_free_fp32_clip(engine)  # fp32 weights without ZeRO (zero0 + bf16_autocast or fp32): torch's clip
     if engine.zero_optimization_stage() < 3:  # ZeRO-3 gathers its parameters only inside the forward
         misaligned = misaligned_compiled_parameters(engine.module)
         if misaligned:
@@ -540,11 +541,12 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     log.info("initialised from %s: %d tensors loaded, not in the file: %s", path, len(sd), missing[:8])
 
 
-def evaluate(model, loader, device, dtype) -> dict:
-    """top-1 / top-5 over the whole validation set, every sample counted once across ranks."""
+def evaluate(model, loader, device, dtype, autocast: bool = False) -> dict:
+    """top-1 / top-5 over the whole validation set, every sample counted once across ranks.
+    ``autocast``: fp32 weights computing in ``dtype`` (``bf16_autocast``), as in training."""
     model.eval()
     stats = torch.zeros(3, device=device)  # correct@1, correct@5, count
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
         for batch in loader:
             batch = loader.to_device(batch, device)
             y, valid = batch["label"], batch["valid"]
@@ -579,6 +581,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
             log.warning("linear probing with ZeRO stage > 0: LARS trust ratios span flat partitions")
         ds_cfg["zero_allow_untested_optimizer"] = True
     dtype = DTYPES[precision(ds_cfg)]
+    amp = autocast_weights(ds_cfg)
     if rank == 0:
         write_run_config(cfg, ds_cfg, run_dir)
     torch.manual_seed(cfg["seed"])
@@ -635,10 +638,10 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
     def on_epoch_end(st: TrainState):
         if val is None:
             return
-        result = evaluate(engine.module, val, device, dtype)
+        result = evaluate(engine.module, val, device, dtype, amp)
         values = {f"val_{k}": v for k, v in result.items()}
-        if model_ema is not None:
-            ema_result = evaluate(model_ema.module.to(dtype), val, device, dtype)
+        if model_ema is not None:  # evaluated like the trained weights: cast to their dtype, or autocast
+            ema_result = evaluate(model_ema.module if amp else model_ema.module.to(dtype), val, device, dtype, amp)
             model_ema.module.float()
             values.update({f"val_ema_{k}": v for k, v in ema_result.items()})
         metrics.scalars(st.step, values)

@@ -2,11 +2,13 @@
 
 1. The optimizer step of our DeepSpeed engine (built by the trainer's own _optimizer /
    _engine / deepspeed_config) against torch's AdamW on the whole batch in one process:
-   without clipping, and with clipping (our device-side clip replaces DeepSpeed's), over
-   steps whose loss scales differ 1000-fold so that clipping changes the trajectory.
+   without clipping, and with clipping (our device-side clip replaces DeepSpeed's; without
+   ZeRO, torch's), over steps whose loss scales differ 1000-fold so that clipping changes the
+   trajectory; with clipping, the engine's gradient norm is the reference's.
 2. The real pre-training loop (``run_pretrain``, ZeRO-2, bf16, fused AdamW; CLIP-MFM with
-   clipping, pixel MIM + EMA without) under HostSyncWatch: every host read of a tensor value
-   outside the log step is recorded; then the fine-tuning loop (mixup, model EMA) the same way.
+   clipping, pixel MIM + EMA without; CLIP-MFM with fp32 weights under bf16 autocast without
+   ZeRO) under HostSyncWatch: every host read of a tensor value outside the log step is
+   recorded; then the fine-tuning loop (mixup, model EMA) the same way.
 """
 
 import argparse
@@ -33,7 +35,7 @@ rank, world, _, device = init_distributed()
 GLOBAL, LR, SCALES = 8, 1e-2, (1.0, 30.0, 0.03, 1.0)
 result = {"arith": {}}
 
-for zero, clip in (("zero1", None), ("zero2", None), ("zero1", 0.05), ("zero2", 0.05)):
+for zero, clip in [(z, c) for c in (None, 0.05) for z in ("zero1", "zero2", "zero0")]:
     cfg = load_config("demo", [f"deepspeed.fragments=[{zero}, fp32, clip_grad]", f"data.batch_size={GLOBAL // world}",
                                f"optim.clip_grad={'null' if clip is None else clip}"])
     torch.manual_seed(0)
@@ -49,11 +51,13 @@ for zero, clip in (("zero1", None), ("zero2", None), ("zero1", 0.05), ("zero2", 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(GLOBAL, 8, generator=g)
     part = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
-    norms = []
+    norms, engine_norms = [], []
     for scale in SCALES:
         loss = engine(x[part]).square().mean() * scale
         engine.backward(loss)
         engine.step()
+        gn = engine.get_global_grad_norm()
+        engine_norms.append(None if gn is None else float(gn))
         ref_loss = ref(x).square().mean() * scale
         ref_loss.backward()
         norms.append(float(nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else float("inf"))))
@@ -61,7 +65,7 @@ for zero, clip in (("zero1", None), ("zero2", None), ("zero1", 0.05), ("zero2", 
         ref_opt.zero_grad()
     err = max(((a.detach() - b.detach()).abs().max() / b.detach().abs().max()).item()
               for a, b in zip(engine.module.parameters(), ref.parameters()))
-    result["arith"][f"{zero}/clip={clip}"] = {"max_rel_err": err, "ref_grad_norms": norms}
+    result["arith"][f"{zero}/clip={clip}"] = {"max_rel_err": err, "ref_grad_norms": norms, "grad_norms": engine_norms}
     del engine
 
 # CLIP-MFM with clipping (the CLIP recipes), and pixel MIM + EMA-teacher MFM without (the
@@ -82,18 +86,24 @@ def watched_loop(run, cfg) -> dict:
     # DataLoader seeding its workers) reads host tensors only.
     watch.calls = [(n, s, d) for n, s, d in watch.calls
                    if any(f.name == "train_loop" for f in s) and not any("torch/utils/data" in f.filename for f in s)]
-    return dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6))
+    return dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6),
+                last_eval=state.extra.get("last_eval"))
 
 
 result["loops"] = {}
-for name, extra in (("clip", []), ("pixel", PIXEL)):
+# CLIP-MFM also with fp32 weights under bf16 autocast without ZeRO (zero0 + bf16_autocast: torch's
+# clip in place of DeepSpeed's, which copied two Python scalars to the device per step).
+AUTOCAST = ["deepspeed.fragments=[zero0, bf16_autocast, clip_grad]"]
+for name, extra in (("clip", []), ("pixel", PIXEL), ("clip_autocast", AUTOCAST)):
     result["loops"][name] = watched_loop(run_pretrain, load_config("demo", [
         f"data.train={args.data}", f"run_dir={args.run_dir}/{name}", "deepspeed.fragments=[zero2, bf16, clip_grad]",
         "deepspeed.compile=false", "data.num_workers=1", *COMMON, *extra]))
-# Fine-tuning: mixup/cutmix, layer decay, a model EMA updated after every step.
-result["loops"]["finetune"] = watched_loop(run_finetune, load_config("demo_finetune", [
-    f"data.train={args.data}", f"data.val={args.data.rsplit('/', 1)[0]}/val", f"run_dir={args.run_dir}/finetune",
-    "model.init=null", "optim.model_ema=0.99", "deepspeed.fragments=[zero2, bf16]", *COMMON]))
+# Fine-tuning: mixup/cutmix, layer decay, a model EMA updated after every step; then with fp32
+# weights under bf16 autocast (its evaluation of the weights and of the EMA opens the autocast).
+for name, fragments in (("finetune", "[zero2, bf16]"), ("finetune_autocast", "[zero0, bf16_autocast]")):
+    result["loops"][name] = watched_loop(run_finetune, load_config("demo_finetune", [
+        f"data.train={args.data}", f"data.val={args.data.rsplit('/', 1)[0]}/val", f"run_dir={args.run_dir}/{name}",
+        "model.init=null", "optim.model_ema=0.99", f"deepspeed.fragments={fragments}", *COMMON]))
 dist.barrier()
 if rank == 0:
     with open(args.out, "w") as f:

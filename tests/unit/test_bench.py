@@ -189,6 +189,15 @@ def test_bench_check_syncs_counts_host_reads(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "z.jsonl").read_text().splitlines()]
     # ... and DeepSpeed does not synchronise the device (its throughput timer did, twice a step)
     assert row["zero_stage"] == 1 and row["host_reads"] == 0 and row["accelerator_syncs"] == 0, row["sync_report"]
+    # fp32 weights under bf16 autocast without ZeRO: torch's fused AdamW, torch's clip, no sync
+    proc = subprocess.run([sys.executable, "-m", "itpn.cli.bench", "--recipe", "tiny", "--batch", "4", "--steps", "1",
+                           "--warmup", "1", "--device", "cpu", "--ladder", "fused", "--zero", "zero0", "--ds-precision",
+                           "bf16_autocast", "--check-syncs", "--json", str(tmp_path / "a.jsonl")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert row["setting"] == "fused/zero0+bf16_autocast" and row["zero_stage"] == 0 and row["optimizer"] == "AdamW"
+    assert row["host_reads"] == 0 and row["accelerator_syncs"] == 0, row["sync_report"]
 
 
 def test_count_host_syncs_counts_a_second_step_and_says_where_syncs_happen():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from itpn.engine.config import (CONFIG_DIR, ConfigError, batch_sizes, deepspeed_config, load_config,
-                                parse_override, precision, write_run_config)
+from itpn.engine.config import (CONFIG_DIR, ConfigError, autocast_weights, batch_sizes, deepspeed_config,
+                                load_config, parse_override, precision, write_run_config)
 from itpn.engine.param_groups import param_groups
 from itpn.engine.schedules import Schedule, scaled_lr
 from itpn.models import ITPN, HiViTConfig
@@ -71,8 +71,14 @@ def test_deepspeed_fragments_merge():
     assert precision(ds) == "fp16"
     with pytest.raises(ConfigError, match="unknown DeepSpeed fragment 'zero9'"):
         deepspeed_config(load_config("clip_b16_300e", ["deepspeed.fragments=[zero9]"]), 16)
-    with pytest.raises(ConfigError, match="both bf16 and fp16"):
+    with pytest.raises(ConfigError, match="enable bf16 and fp16"):
         deepspeed_config(load_config("clip_b16_300e", ["deepspeed.fragments=[bf16, fp16]"]), 16)
+    # fp32 weights under bf16 autocast: computes in bf16, DeepSpeed keeps no bf16 copy
+    ds = deepspeed_config(load_config("clip_b16_300e", ["deepspeed.fragments=[zero0, bf16_autocast, clip_grad]"]), 16)
+    assert precision(ds) == "bf16" and autocast_weights(ds) and "bf16" not in ds
+    assert not autocast_weights(deepspeed_config(cfg, 16))
+    with pytest.raises(ConfigError, match="enable bf16 and torch_autocast"):
+        deepspeed_config(load_config("clip_b16_300e", ["deepspeed.fragments=[bf16, bf16_autocast]"]), 16)
 
 
 def test_run_config_written(tmp_path):
