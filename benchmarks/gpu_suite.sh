@@ -7,9 +7,9 @@
 #                                     our fused MLP (kernel profile of the last), the GPU tests, the
 #                                     folded step inside DeepSpeed ZeRO-1 with its host-sync count,
 #                                     FP8 linears, the attention microbenchmark
-#   benchmarks/gpu_suite.sh fifth     the next lease after 2026-12-04's fourth session (~7 minutes): the
+#   benchmarks/gpu_suite.sh fifth     the next lease after 2026-12-04's fourth session (~9 minutes): the
 #                                     trainer's ZeRO-1 step with its sync count, the DeepSpeed GPU
-#                                     tests, the step's kernel profile (second, third, fourth: what
+#                                     tests, zero0 + bf16_autocast, the ZeRO-1 step's kernel profile (second, third, fourth: what
 #                                     that day's leases ran, kept for their commands)
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
 #                                     blocks vs eager, no host sync in the step; the attention
@@ -95,10 +95,13 @@ case "${1:?part: first | second | third | fourth | fifth | check | clip_l | memo
   fourth)  # what `third` leaves, if the machine is still warm (~2 minutes)
     limited 110 bench --recipe pixel_l --batch 256 --steps 8 --ladder fold ;;
   fifth)  # after `third` (2026-12-04): the ZeRO-1 step without DeepSpeed's device syncs and with
-    # the fp32 bias-table gather, the GPU tests that failed there, and the fixed step's kernel
-    # profile (~7 minutes: run(carry=[".whl"], timeout_s=450, ...))
+    # the fp32 bias-table gather, the GPU tests that failed there, the same step with fp32 weights
+    # under autocast without ZeRO, and the fixed ZeRO-1 step's kernel profile (~9 minutes:
+    # run(carry=[".whl"], timeout_s=580, ...))
     limited 140 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
     limited 150 "$PY" -m pytest -v -n 4 --timeout 140 -p no:benchmark -rfE --tb=short tests/gpu -k "deepspeed or fp8_gemms"
+    limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero0 --ds-precision bf16_autocast \
+      --check-syncs
     limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 \
       --profile "$OUT/profile_clip_l_zero1.txt" ;;
   check)
