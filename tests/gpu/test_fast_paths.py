@@ -210,20 +210,22 @@ def test_training_step_has_no_host_sync(recipe, setting):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("setting", ["fused", "compile"])
-def test_deepspeed_zero1_step_has_no_host_sync(tmp_path, setting):
+@pytest.mark.parametrize("setting,zero,precision", [("fused", "zero1", None), ("compile", "zero1", None),
+                                                    ("fused", "zero0", "bf16_autocast")])
+def test_deepspeed_step_has_no_host_sync(tmp_path, setting, zero, precision):
     """The trainer's engine (DeepSpeed ZeRO-1, bf16, clipping; our device-side clip and no
-    bf16 overflow check) after warm-up: no host read of a device tensor and no synchronising
-    CUDA call in a step (``itpn-bench --check-syncs``; a subprocess, as DeepSpeed initialises
-    a process group)."""
+    bf16 overflow check; or fp32 weights under autocast without ZeRO, with torch's clip) after
+    warm-up: no host read of a device tensor and no synchronising CUDA call in a step
+    (``itpn-bench --check-syncs``; a subprocess, as DeepSpeed initialises a process group)."""
     import json
     import subprocess
     import sys
     out = tmp_path / "b.jsonl"
+    extra = ["--ds-precision", precision] if precision else []
     proc = subprocess.run([sys.executable, "-m", "itpn.cli.bench", "--recipe", "tiny", "--batch", "4", "--steps", "2",
-                           "--warmup", "2", "--ladder", setting, "--zero", "zero1", "--check-syncs", "--json", str(out)],
-                          capture_output=True, text=True, timeout=900)
+                           "--warmup", "2", "--ladder", setting, "--zero", zero, *extra, "--check-syncs",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert row["zero_stage"] == 1
+    assert row["zero_stage"] == int(zero[-1])
     assert row["host_reads"] == 0 and row["accelerator_syncs"] == 0 and row["cuda_syncs"] == 0, row["sync_report"]
