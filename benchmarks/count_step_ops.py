@@ -1,0 +1,56 @@
+"""How many ATen operations one training step issues from Python (each one at least a kernel
+launch on a GPU), split into the student's forward + backward and the optimizer step, for
+the benchmark's plain step and the same step inside DeepSpeed (issue #6: the H200 profile of
+2026-12-04 found 3,422 copy / cast / fill kernels per ZeRO-1 step against 911 in the plain
+step). Runs anywhere (CPU by default); counts top-level operations (those no other ATen
+operation called), after two warm-up steps, with the ``fused`` setting of itpn-bench.
+
+    python benchmarks/count_step_ops.py --recipe tiny --batch 4
+"""
+
+import argparse
+import collections
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from itpn.cli import bench
+from itpn.layers import attention_impl
+
+#: (label, ZeRO fragment or None for the plain step, precision fragment or None for the setting's)
+ENGINES = (("plain (torch fused AdamW, autocast)", None, None), ("DeepSpeed zero1 + bf16", "zero1", None),
+           ("DeepSpeed zero0 + bf16_autocast", "zero0", "bf16_autocast"))
+
+
+def top_level_ops(prof) -> collections.Counter:
+    return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    cfg, device = bench.load_recipe(args.recipe), torch.device(args.device)
+    fixed = bench.make_batch(cfg, args.batch, device)
+    setting = bench.LADDER["fused"]
+    print(f"{'step':40s} {'fwd+bwd ops':>11s} {'optimizer ops':>13s}  most frequent in the optimizer step")
+    for label, zero, precision in ENGINES:
+        with attention_impl(setting["attn"]):
+            step = bench.TrainStep(cfg, setting, args.batch, device, iter(lambda: fixed, None), 0, zero, precision)
+            for _ in range(2):
+                step()
+            targets = step.teacher_fwd()
+            with profile(activities=[ProfilerActivity.CPU]) as fwd_bwd:
+                step.student_fwd_bwd(targets)
+            with profile(activities=[ProfilerActivity.CPU]) as opt:
+                step.optimizer_step()
+        a, b = top_level_ops(fwd_bwd), top_level_ops(opt)
+        common = ", ".join(f"{name} {n}" for name, n in b.most_common(3))
+        print(f"{label:40s} {sum(a.values()):11d} {sum(b.values()):13d}  {common}")
+        del step
+
+
+if __name__ == "__main__":
+    main()
