@@ -63,7 +63,7 @@ import torch
 from ..layers import attention_impl
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
                             pretrain_loader, register_fused_mlp_params)
-from ..engine.config import DTYPES, load_config
+from ..engine.config import DTYPES, PRECISION_FRAGMENTS, load_config
 from ..models.flops import count_train_flops, vit_forward_flops
 
 
@@ -285,8 +285,7 @@ def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, fused: bool, batch
     from ..engine.param_groups import param_groups
     from ..engine.runner import _engine, _optimizer, init_distributed
     _, world, _, _ = init_distributed()
-    fragments = [f for f in cfg["deepspeed"]["fragments"]
-                 if not f.startswith("zero") and f not in DTYPES and not f.endswith("_autocast")]
+    fragments = [f for f in cfg["deepspeed"]["fragments"] if not f.startswith("zero") and f not in PRECISION_FRAGMENTS]
     cfg = {**cfg, "deepspeed": {**cfg["deepspeed"], "fragments": [zero, dtype, *fragments], "grad_accum": 1},
            "data": {**cfg["data"], "batch_size": batch}, "optim": {**cfg["optim"], "total_batch": None, "fused": fused}}
     ds_cfg = deepspeed_config(cfg, world)

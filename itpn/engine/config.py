@@ -159,7 +159,7 @@ def deepspeed_config(cfg: dict, world_size: int) -> dict:
     enabled = [k for k in ("bf16", "fp16", "torch_autocast") if ds.get(k, {}).get("enabled")]
     if len(enabled) > 1:
         raise ConfigError(f"deepspeed.fragments {cfg['deepspeed']['fragments']} enable {' and '.join(enabled)}: "
-                          "choose one precision fragment (bf16, fp16, bf16_autocast or fp32)")
+                          f"choose one precision fragment ({', '.join(PRECISION_FRAGMENTS)})")
     if "torch_autocast" in enabled and ds["torch_autocast"].get("dtype", "bfloat16") != "bfloat16":
         raise ConfigError(f"deepspeed.fragments {cfg['deepspeed']['fragments']}: torch_autocast.dtype "
                           f"{ds['torch_autocast']['dtype']!r} is not supported (bfloat16 only: fp16 would need a "
@@ -168,6 +168,8 @@ def deepspeed_config(cfg: dict, world_size: int) -> dict:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: The fragments of ds_configs/ that set the precision; a config takes one of them.
+PRECISION_FRAGMENTS = (*DTYPES, "bf16_autocast")
 
 
 def autocast_weights(ds: dict) -> bool:
@@ -179,7 +181,7 @@ def autocast_weights(ds: dict) -> bool:
 
 def precision(ds: dict) -> str:
     """The dtype the model computes in (its inputs are cast to it; the teacher runs in it)."""
-    if ds.get("bf16", {}).get("enabled") or ds.get("torch_autocast", {}).get("enabled"):
+    if ds.get("bf16", {}).get("enabled") or autocast_weights(ds):
         return "bf16"
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"

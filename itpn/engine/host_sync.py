@@ -82,9 +82,7 @@ class HostSyncWatch(TorchFunctionMode):
             acc, real = get_accelerator(), get_accelerator().synchronize
 
             def synchronize(*args, **kwargs):
-                stack = traceback.extract_stack()[:-1]
-                if not any(f.name in self.ignore for f in stack):
-                    self.calls.append(("accelerator.synchronize", stack, "accelerator"))
+                self._record("accelerator.synchronize", "accelerator")
                 return real(*args, **kwargs)
             acc.synchronize = synchronize
             self._accelerator = acc
@@ -99,16 +97,17 @@ class HostSyncWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         copied_to = _host_data_device(func, args, kwargs)
         if copied_to is not None:
-            stack = traceback.extract_stack()[:-1]
-            if not any(f.name in self.ignore for f in stack):
-                self.calls.append((f"{func.__name__}(host data, device=...)", stack, copied_to))
+            self._record(f"{func.__name__}(host data, device=...)", copied_to)
         elif func in SYNC_OPS or (func is torch.Tensor.__getitem__ and _bool_index(args)):
-            stack = traceback.extract_stack()[:-1]
-            if not any(f.name in self.ignore for f in stack):
-                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-                where = tensor.device.type if tensor is not None else "cpu"
-                self.calls.append((getattr(func, "__name__", str(func)), stack, where))
+            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self._record(getattr(func, "__name__", str(func)), tensor.device.type if tensor is not None else "cpu")
         return func(*args, **kwargs)
+
+    def _record(self, name: str, where: str) -> None:
+        """One call, with the stack of its caller, unless an ignored function is on it."""
+        stack = traceback.extract_stack()[:-2]
+        if not any(f.name in self.ignore for f in stack):
+            self.calls.append((name, stack, where))
 
     def report(self, frames: int = 4) -> str:
         """One line per distinct call site, most frequent first."""
