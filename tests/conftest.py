@@ -34,7 +34,7 @@ def _ds_shm_before_session() -> set[str]:
 def _release_deepspeed_shm(_ds_shm_before_session):
     """DeepSpeed's CPU shared-memory all-reduce (0.19.8) leaves a buffer file in /dev/shm per
     rank and process group; its processes exit without unlinking them. Over a day of test runs
-    they filled 15 GB of this VM's 24 GB of memory and slowed the suite from 559 to 1232 s.
+    they held 15 GB of this VM's 24 GB of memory.
     After each test, the files that appeared since the session began are removed (also those a
     module-scoped fixture made; unlinking a file that a live process still maps is safe: the
     memory goes when the mapping does)."""
