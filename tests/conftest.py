@@ -33,8 +33,9 @@ def _ds_shm_before_session() -> set[str]:
 @pytest.fixture(autouse=True)
 def _release_deepspeed_shm(_ds_shm_before_session):
     """DeepSpeed's CPU shared-memory all-reduce (0.19.8) leaves a buffer file in /dev/shm per
-    rank and process group; its processes exit without unlinking them. Over a day of test runs
-    they held 15 GB of this VM's 24 GB of memory.
+    rank; its processes exit without unlinking them. Over a day of test runs they held 15 GB of
+    this VM's 24 GB of memory. ``init_distributed`` now unlinks them (``release_shm_buffer``);
+    this stays as a net for a process that dies before it gets there.
     After each test, the files that appeared since the session began are removed (also those a
     module-scoped fixture made; unlinking a file that a live process still maps is safe: the
     memory goes when the mapping does)."""

@@ -25,7 +25,7 @@ from ..data import build_finetune_loader
 from ..data.mixup import build_criterion, build_mixup
 from ..layers import set_attention_impl
 from ..layers.attention import triton_fallbacks
-from ..layers.block import misaligned_compiled_parameters
+from ..layers.block import compiled_blocks, misaligned_compiled_parameters, misaligned_parameters
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
@@ -65,6 +65,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     accel = get_accelerator()
     backend = "nccl" if accel.device_name() == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    if backend == "gloo":
+        release_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cuda":
         torch.cuda.set_device(local_rank)
@@ -72,6 +74,32 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The file DeepSpeed's CPU shared-memory all-reduce (``shm.cpp``, 0.19.8) creates for a
+    rank: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU backend creates one ~66 MB file in /dev/shm per rank when the process group
+    starts, maps the other ranks' files, and never unlinks them: each CPU run (the demo, the
+    tests) left its files behind, 15 GB of the development VM's 24 GB after a day. Every rank
+    has mapped every file when ``init_distributed`` returns (its initialisation waits for the
+    other ranks' files); after a barrier that guarantees it for all, each rank unlinks its
+    own. The mappings stay valid until the processes exit, so the all-reduce is unaffected.
+    Called by every rank of a CPU (gloo) group; no file exists with NCCL, or when the ranks span
+    several hosts (the barrier is then all this costs, once)."""
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(dist.get_rank()))
 
 
 def seed_everything(seed: int) -> None:
@@ -238,21 +266,49 @@ def _engine(module, cfg, ds_cfg, optimizer):
     sync_free_clipping(engine.optimizer)  # no host read of the gradient norm in the step
     sync_free_norm_masking()  # and no host-to-device copy in computing it
     sync_free_fp32_clip(engine)  # fp32 weights without ZeRO (zero0 + bf16_autocast or fp32): torch's clip
-    if engine.zero_optimization_stage() < 3:  # ZeRO-3 gathers its parameters only inside the forward
-        misaligned = misaligned_compiled_parameters(engine.module)
-        if misaligned:
-            raise ConfigError(
-                f"{len(misaligned)} parameters of compiled blocks are not 16-byte aligned after DeepSpeed's "
-                f"initialisation (first: {', '.join(misaligned[:3])}); the compiled kernels would fail on the GPU "
-                "with 'misaligned address'. Set zero_optimization.parameter_alignment: true in the ZeRO fragment "
-                "(ds_configs/zero1.json and zero2.json do) or deepspeed.compile=false")
-    if cfg["deepspeed"]["compile"] and engine.zero_optimization_stage() == 3:
+    stage3 = engine.zero_optimization_stage() == 3
+    misaligned = (zero3_misaligned_compiled_parameters(engine.module) if stage3
+                  else misaligned_compiled_parameters(engine.module))
+    if misaligned:
+        fix = ("run ZeRO-3 on more than one rank per parameter partition, or offload its parameters "
+               "(offload_param; on one rank ZeRO-3 gains nothing over ZeRO-1/2 without it)" if stage3 else
+               "set zero_optimization.parameter_alignment: true in the ZeRO fragment (ds_configs/zero1.json and "
+               "zero2.json do)")
+        raise ConfigError(
+            f"{len(misaligned)} parameters of compiled blocks are not 16-byte aligned "
+            f"{'as ZeRO-3 gathers them for the forward' if stage3 else 'after DeepSpeed initialisation'} "
+            f"(first: {', '.join(misaligned[:3])}); the compiled kernels would fail on the GPU with "
+            f"'misaligned address'. Fix: {fix}; or set deepspeed.compile=false")
+    if cfg["deepspeed"]["compile"] and stage3:
         log.warning("compiled blocks under ZeRO-3: dynamo traces DeepSpeed's parameter-gathering hooks of every "
                     "submodule (graph breaks, one compile per submodule type). Correct (tested on CPU), but the "
-                    "measured configurations are ZeRO-1/2 with compiled blocks, and ZeRO-3 gathers parameters into "
-                    "buffers padded only to the world size: a gathered parameter at an 8-byte offset would fail "
-                    "the compiled kernels on a GPU with 'misaligned address' (docs/performance.md, 'On an H200')")
+                    "measured configurations are ZeRO-1/2 with compiled blocks")
     return engine
+
+
+def zero3_misaligned_compiled_parameters(module) -> list[str]:
+    """Parameters of compiled blocks that ZeRO-3 would hand the compiled kernels at an address
+    that is not 16-byte aligned (see ``misaligned_compiled_parameters`` for why that fails).
+
+    Each compiled block's parameters are gathered with the call DeepSpeed's parameter
+    coordinator makes before a forward (``all_gather_coalesced``), checked, and partitioned
+    again, so the answer is DeepSpeed's own on this device and group. DeepSpeed 0.19.8 gathers
+    each parameter into a buffer of its own on a partition group of several ranks (aligned);
+    on one rank it does not gather, and a parameter becomes a view of its partition in one flat
+    buffer packed without gaps (33 parameters of the demo model's compiled blocks at 8-byte
+    offsets, in bf16), unless the partitions live on the host (``offload_param``) and are copied to the GPU.
+    Collective: every rank calls it, in the same order (it runs in ``_engine``)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    names = []
+    for name, blk in compiled_blocks(module):
+        gathered = [p for p in blk.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if gathered:
+            gathered[0].all_gather_coalesced(gathered).wait()
+        names += misaligned_parameters(name, blk)
+        for p in gathered:
+            p.partition()
+    return names
 
 
 def _optimizer(groups, cfg, device, ds_cfg: dict, lars: bool = False):

@@ -127,6 +127,18 @@ def _two_regions(attention_residual, mlp_residual):
     return forward
 
 
+def compiled_blocks(module: nn.Module):
+    """``(name, block)`` for every block of ``module`` whose forward is compiled."""
+    return [(name, blk) for name, blk in module.named_modules()
+            if isinstance(blk, Block) and blk._compiled_forward is not None]
+
+
+def misaligned_parameters(prefix: str, module: nn.Module, alignment: int = 16) -> list[str]:
+    """Names of ``module``'s parameters whose storage does not start on an ``alignment``-byte
+    boundary (as they are now: gathered, for a ZeRO-3 module, only inside its forward)."""
+    return [f"{prefix}.{n}" for n, p in module.named_parameters() if p.numel() and p.data_ptr() % alignment]
+
+
 def misaligned_compiled_parameters(module: nn.Module, alignment: int = 16) -> list[str]:
     """Parameters of compiled blocks whose storage does not start on an ``alignment``-byte
     boundary. Inductor treats parameters as static inputs: it checks their alignment once,
@@ -134,10 +146,5 @@ def misaligned_compiled_parameters(module: nn.Module, alignment: int = 16) -> li
     that graph, so a parameter of another block that sits at an odd offset (a view into a
     flat buffer, as DeepSpeed's ZeRO-1/2 makes without ``parameter_alignment``) is read with
     16-byte vector loads: "CUDA error: misaligned address" on the GPU."""
-    names = []
-    for name, blk in module.named_modules():
-        if isinstance(blk, Block) and blk._compiled_forward is not None:
-            names += [f"{name}.{n}" for n, p in blk.named_parameters()
-                      if p.numel() and p.data_ptr() % alignment]
-    return names
+    return [n for name, blk in compiled_blocks(module) for n in misaligned_parameters(name, blk, alignment)]
 

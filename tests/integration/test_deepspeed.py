@@ -58,6 +58,13 @@ def test_zero_stages_match_single_process(tmp_path):
           "--stages", "0", "0ema"], cwd=ROOT)
     multi = json.load(open(tmp_path / "z.json"))["losses"]
     refs = json.load(open(tmp_path / "ref.json"))["losses"]
+    # init_distributed unlinks each rank's /dev/shm buffer of DeepSpeed's CPU all-reduce (left
+    # behind by every run before), and the shared-memory all-reduce still sums afterwards.
+    for world, name in ((2, "z.json"), (1, "ref.json")):
+        shm = json.load(open(tmp_path / name))["shm"]
+        expected = [float(sum(range(1, world + 1)))] * 8
+        assert [r["left"] for r in shm] == [False] * world and all(r["sum"] == expected for r in shm), shm
+    assert all(r["shm_kernel"] for r in json.load(open(tmp_path / "z.json"))["shm"]), "the shm kernel did not run"
     ref = refs["0"]
     assert ref[-1] < ref[0]  # it trains
     # + activation checkpointing; + offload to the host; + compiled blocks (under ZeRO-3 too: with

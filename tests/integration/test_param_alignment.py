@@ -35,3 +35,15 @@ def test_unaligned_flat_buffer_is_refused_by_name():
     assert result["misaligned"], "the demo model no longer has a parameter at an odd offset: the test lost its point"
     assert "not 16-byte aligned" in result["error"] and "parameter_alignment: true" in result["error"]
     assert result["misaligned"][0] in result["error"]
+
+
+def test_zero3_on_one_rank_is_refused_by_name():
+    """ZeRO-3 on a one-rank partition group does not gather: DeepSpeed hands the forward views
+    of one flat buffer packed without gaps. The engine gathers each compiled block as the
+    forward does and refuses the run by name. (On several ranks each parameter is gathered into
+    a buffer of its own: the 2-rank ``3compile`` stage of test_deepspeed.py runs through the
+    same check.)"""
+    result = _engine("zero3", "as_shipped")
+    assert result["misaligned"], "ZeRO-3 on one rank no longer hands out misaligned views: revisit the check"
+    assert "as ZeRO-3 gathers them for the forward" in result["error"] and "offload_param" in result["error"]
+    assert result["misaligned"][0] in result["error"]

@@ -1,9 +1,12 @@
 """Driver for test_deepspeed.py: trains the demo CLIP-MFM objective for a few steps on a
 fixed global batch, split across the ranks, through the engine's own builders and
-``deepspeed.initialize``, once per ZeRO stage; writes the global mean loss of each step."""
+``deepspeed.initialize``, once per ZeRO stage; writes the global mean loss of each step.
+First it records, per rank, whether DeepSpeed's CPU shared-memory buffer is still in /dev/shm
+after ``init_distributed`` and what DeepSpeed's shared-memory all-reduce sums after that."""
 
 import argparse
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -11,7 +14,7 @@ import torch.distributed as dist
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.engine.config import deepspeed_config, load_config
 from itpn.engine.param_groups import param_groups
-from itpn.engine.runner import _engine, _optimizer, init_distributed
+from itpn.engine.runner import _engine, _optimizer, init_distributed, shm_buffer_path
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -26,6 +29,15 @@ p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
 
 rank, world, _, device = init_distributed()
+from deepspeed.comm import comm as ds_comm  # noqa: E402  (its backend, cdb, is set by init_distributed)
+
+summed = torch.full((8,), float(rank + 1))
+ds_comm.inference_all_reduce(summed)  # through the shm buffers of every rank, when the CPU has the kernel
+shm = {"left": os.path.exists(shm_buffer_path(rank)), "sum": summed.tolist(),
+       "shm_kernel": getattr(ds_comm.cdb, "shm_vector_kernel_level", 0) >= 1
+       and hasattr(getattr(torch.ops, "deepspeed", None), "inference_all_reduce_")}
+shm_by_rank = [None] * world
+dist.all_gather_object(shm_by_rank, shm)
 GLOBAL = 4
 results = {}
 for stage in args.stages:
@@ -77,4 +89,4 @@ for stage in args.stages:
     del engine
 if rank == 0:
     with open(args.out, "w") as f:
-        json.dump({"world": world, "losses": results}, f)
+        json.dump({"world": world, "losses": results, "shm": shm_by_rank}, f)
