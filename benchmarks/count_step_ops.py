@@ -19,7 +19,8 @@ from itpn.layers import attention_impl
 
 #: (label, ZeRO fragment or None for the plain step, precision fragment or None for the setting's)
 ENGINES = (("plain (torch fused AdamW, autocast)", None, None), ("DeepSpeed zero1 + bf16", "zero1", None),
-           ("DeepSpeed zero0 + bf16_autocast", "zero0", "bf16_autocast"))
+           ("DeepSpeed zero0 + bf16_autocast", "zero0", "bf16_autocast"),
+           ("DeepSpeed zero1 + bf16_autocast", "zero1", "bf16_autocast"))
 
 
 def top_level_ops(prof) -> collections.Counter:

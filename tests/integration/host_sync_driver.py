@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from itpn.engine.config import deepspeed_config, load_config
-from itpn.engine.host_sync import HostSyncWatch
+from itpn.engine.host_sync import HostSyncWatch, foreach_grad_norm
 from itpn.engine.param_groups import param_groups
 from itpn.engine.runner import _engine, _optimizer, init_distributed, run_finetune, run_pretrain
 
@@ -89,6 +89,29 @@ def watched_loop(run, cfg) -> dict:
     return dict(steps=state.step, syncs=len(watch.calls), report=watch.report(6),
                 last_eval=state.extra.get("last_eval"))
 
+
+# Our gradient norm (one _foreach_norm, foreach_grad_norm) against DeepSpeed's own loop on the
+# same reduced gradients of each rank's partition, fp32 and bf16 weights, ZeRO-1 and ZeRO-2.
+result["norms"] = {}
+for zero, dtype in [(z, d) for z in ("zero1", "zero2") for d in ("fp32", "bf16")]:
+    cfg = load_config("demo", [f"deepspeed.fragments=[{zero}, {dtype}, clip_grad]", f"data.batch_size={GLOBAL // world}"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    ds_cfg = deepspeed_config(cfg, world)
+    engine = _engine(model, cfg, ds_cfg, _optimizer(param_groups(model, 0.05), cfg, device, ds_cfg))
+    opt, pairs = engine.optimizer, []
+    x = torch.randn(GLOBAL, 8, generator=torch.Generator().manual_seed(2)).to(engine.module[0].weight.dtype)
+    part = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
+    for scale in SCALES:
+        engine.backward(engine(x[part]).float().square().mean() * scale)
+        ours = float(opt.scaled_global_norm())
+        del opt.get_grad_norm_direct  # DeepSpeed's method again, then ours back
+        theirs = float(opt.scaled_global_norm())
+        foreach_grad_norm(opt)
+        pairs.append([ours, theirs])
+        engine.step()
+    result["norms"][f"{zero}/{dtype}"] = pairs
+    del engine
 
 result["loops"] = {}
 # CLIP-MFM also with fp32 weights under bf16 autocast without ZeRO (zero0 + bf16_autocast: torch's

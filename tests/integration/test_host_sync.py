@@ -36,6 +36,17 @@ def test_step_matches_torch_adamw(driver_result, zero, clip):
         assert r["grad_norms"] == pytest.approx(r["ref_grad_norms"], rel=1e-5), r
 
 
+@pytest.mark.parametrize("zero", ["zero1", "zero2"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_foreach_grad_norm_is_deepspeeds(driver_result, zero, dtype):
+    # one _foreach_norm in place of DeepSpeed's loop over the parameters: the same norm (its
+    # per-gradient norms accumulate in fp32 rather than fp64) across loss scales 0.03 to 30
+    pairs = driver_result["norms"][f"{zero}/{dtype}"]
+    assert len(pairs) == 4 and all(theirs > 0 for _, theirs in pairs), pairs
+    for ours, theirs in pairs:
+        assert ours == pytest.approx(theirs, rel=1e-6), pairs
+
+
 @pytest.mark.parametrize("objective", ["clip", "pixel", "finetune", "clip_autocast", "finetune_autocast"])
 def test_training_loop_reads_no_device_value_between_log_steps(driver_result, objective):
     r = driver_result["loops"][objective]
