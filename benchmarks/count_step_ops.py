@@ -1,15 +1,21 @@
 """How many ATen operations one training step issues from Python (each one at least a kernel
-launch on a GPU), split into the student's forward + backward and the optimizer step, for
-the benchmark's plain step and the same step inside DeepSpeed (issue #6: the H200 profile of
-2026-12-04 found 3,422 copy / cast / fill kernels per ZeRO-1 step against 911 in the plain
-step). Runs anywhere (CPU by default); counts top-level operations (those no other ATen
-operation called), after two warm-up steps, with the ``fused`` setting of itpn-bench.
+launch on a GPU), and how long the host takes to issue them, split into the student's
+forward + backward and the optimizer step, for the benchmark's plain step and the same step
+inside DeepSpeed (issue #6: the H200 profile of 2026-12-04 found 3,422 copy / cast / fill
+kernels per ZeRO-1 step against 911 in the plain step, and its optimizer step took 45 ms
+against 13). Runs anywhere (CPU by default); counts top-level operations (those no other ATen
+operation called), after two warm-up steps, with the ``fused`` setting of itpn-bench. The
+times are medians over ``--steps`` steps on one thread: with the tiny recipe's tensors on a
+CPU they are mostly the per-operation and per-parameter cost of the Python that issues them.
 
     python benchmarks/count_step_ops.py --recipe tiny --batch 4
+    python benchmarks/count_step_ops.py --recipe tiny --batch 4 --deepspeed-norm   # DeepSpeed's own norm loop
 """
 
 import argparse
 import collections
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,19 +33,42 @@ def top_level_ops(prof) -> collections.Counter:
     return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
 
 
+def host_ms(step, steps: int) -> tuple[float, float]:
+    """Median milliseconds of the student's forward + backward and of the optimizer step."""
+    fwd_bwd, opt = [], []
+    for _ in range(steps):
+        targets = step.teacher_fwd()
+        t0 = time.perf_counter()
+        step.student_fwd_bwd(targets)
+        t1 = time.perf_counter()
+        step.optimizer_step()
+        fwd_bwd.append(t1 - t0)
+        opt.append(time.perf_counter() - t1)
+    return 1e3 * statistics.median(fwd_bwd), 1e3 * statistics.median(opt)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="tiny")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per engine (0: count only)")
+    p.add_argument("--deepspeed-norm", action="store_true",
+                   help="ZeRO-1/2 with DeepSpeed's own gradient-norm loop (the engine installs foreach_grad_norm)")
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     cfg, device = bench.load_recipe(args.recipe), torch.device(args.device)
     fixed = bench.make_batch(cfg, args.batch, device)
     setting = bench.LADDER["fused"]
-    print(f"{'step':40s} {'fwd+bwd ops':>11s} {'optimizer ops':>13s}  most frequent in the optimizer step")
+    print(f"{'step':40s} {'fwd+bwd ops':>11s} {'optimizer ops':>13s} {'fwd+bwd ms':>10s} {'optimizer ms':>12s}"
+          "  most frequent in the optimizer step")
     for label, zero, precision in ENGINES:
         with attention_impl(setting["attn"]):
             step = bench.TrainStep(cfg, setting, args.batch, device, iter(lambda: fixed, None), 0, zero, precision)
+            optimizer = getattr(step.engine, "optimizer", None)
+            if args.deepspeed_norm and "get_grad_norm_direct" in getattr(optimizer, "__dict__", {}):
+                del optimizer.get_grad_norm_direct
             for _ in range(2):
                 step()
             targets = step.teacher_fwd()
@@ -47,9 +76,11 @@ def main(argv=None):
                 step.student_fwd_bwd(targets)
             with profile(activities=[ProfilerActivity.CPU]) as opt:
                 step.optimizer_step()
+            times = host_ms(step, args.steps) if args.steps else (float("nan"), float("nan"))
         a, b = top_level_ops(fwd_bwd), top_level_ops(opt)
         common = ", ".join(f"{name} {n}" for name, n in b.most_common(3))
-        print(f"{label:40s} {sum(a.values()):11d} {sum(b.values()):13d}  {common}")
+        print(f"{label:40s} {sum(a.values()):11d} {sum(b.values()):13d} {times[0]:10.2f} {times[1]:12.2f}  {common}",
+              flush=True)
         del step
 
 
