@@ -159,10 +159,12 @@ def _grad_norm_foreach(self, gradients, params, norm_type=2):
     gradients counted and the same result up to summation order, but one ``_foreach_norm``
     over them in place of a Python loop that casts each gradient to fp64 and takes its norm.
 
-    That loop issued three operations per parameter (730 parameters in iTPN-L) and took 40% of
-    the ZeRO-1 optimizer step's host time on the CPU (tiny recipe, 176 parameters: 7.0 of 17.6
-    ms per step). On a GPU the host time matters because nothing else runs then: the H200's
-    ZeRO-1 optimizer step took 45 ms against the plain step's 13 ms (docs/performance.md).
+    That loop issued three operations per parameter (730 parameters in iTPN-L: 5,902
+    operations per optimizer step with it, 2,986 without, ``benchmarks/count_step_ops.py``).
+    On the CPU the tiny recipe's ZeRO-1 optimizer step took 17.3 ms with it and 15.7 without
+    (medians, one thread). On a GPU the host time matters because the GPU has nothing else
+    queued then: the H200's ZeRO-1 optimizer step took 45 ms against the plain step's 13 ms
+    (docs/performance.md).
     Per-gradient norms accumulate in fp32 (DeepSpeed: in fp64, from an fp64 copy of each
     gradient); their squares are summed in fp64 as DeepSpeed does. The infinity norm, pipeline-
     replicated parameters and model parallelism other than rank 0's share go to DeepSpeed's."""
