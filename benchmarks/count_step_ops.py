@@ -9,7 +9,7 @@ times are medians over ``--steps`` steps on one thread: with the tiny recipe's t
 CPU they are mostly the per-operation and per-parameter cost of the Python that issues them.
 
     python benchmarks/count_step_ops.py --recipe tiny --batch 4
-    python benchmarks/count_step_ops.py --recipe tiny --batch 4 --deepspeed-norm   # DeepSpeed's own norm loop
+    python benchmarks/count_step_ops.py --recipe tiny --batch 4 --deepspeed-loops   # DeepSpeed's own loops
 """
 
 import argparse
@@ -53,8 +53,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=20, help="timed steps per engine (0: count only)")
-    p.add_argument("--deepspeed-norm", action="store_true",
-                   help="ZeRO-1/2 with DeepSpeed's own gradient-norm loop (the engine installs foreach_grad_norm)")
+    p.add_argument("--deepspeed-loops", action="store_true",
+                   help="ZeRO-1/2 with DeepSpeed's own per-parameter loops for the gradient norm and the bf16 "
+                        "views (the engine installs foreach_grad_norm and keep_bit16_views in their place)")
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -67,8 +68,9 @@ def main(argv=None):
         with attention_impl(setting["attn"]):
             step = bench.TrainStep(cfg, setting, args.batch, device, iter(lambda: fixed, None), 0, zero, precision)
             optimizer = getattr(step.engine, "optimizer", None)
-            if args.deepspeed_norm and "get_grad_norm_direct" in getattr(optimizer, "__dict__", {}):
-                del optimizer.get_grad_norm_direct
+            for name in ("get_grad_norm_direct", "_update_model_bit16_weights"):
+                if args.deepspeed_loops and name in getattr(optimizer, "__dict__", {}):
+                    delattr(optimizer, name)
             for _ in range(2):
                 step()
             targets = step.teacher_fwd()

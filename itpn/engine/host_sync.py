@@ -12,7 +12,9 @@ only at log and checkpoint steps; this module holds
   per step when it clips gradients, and :func:`sync_free_norm_masking`, which removes the
   host-to-device copy its gradient-norm code makes per parameter group.
 * :func:`foreach_grad_norm`, which computes that optimizer's gradient norm with one
-  multi-tensor norm instead of a Python loop over the parameters (host time, not a sync).
+  multi-tensor norm instead of a Python loop over the parameters, and
+  :func:`keep_bit16_views`, which skips its re-pointing of every parameter at the flat buffer
+  after each step when nothing moved (host time, not syncs).
 """
 
 from __future__ import annotations
@@ -199,6 +201,37 @@ def foreach_grad_norm(optimizer) -> bool:
     if type(optimizer) is not DeepSpeedZeroOptimizer or not hasattr(optimizer, "get_grad_norm_direct"):
         return False
     optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_foreach, optimizer)
+    return True
+
+
+def _update_bit16_views_if_moved(self, group_index):
+    """DeepSpeed ZeRO-1/2's ``_update_model_bit16_weights`` (0.19.8), which it calls after
+    every step ("TODO: we probably don't need this? just to be safe"): it points each bf16
+    parameter at its slice of the group's flat buffer again, a narrow, a view and two ``.data``
+    assignments per parameter (4 of the 6 host operations per parameter left in the
+    optimizer step). Here it runs only when the flat buffer or a parameter's storage moved
+    since it last ran (its first call, DeepSpeed's offload and reload of states, anything that
+    replaced a parameter's ``.data``); otherwise every view already is what it would make."""
+    flat, params = self.bit16_groups_flat[group_index], self.bit16_groups[group_index]
+    where = (flat.data_ptr(), *(p.data_ptr() for p in params))
+    seen = self.__dict__.setdefault("_itpn_bit16_views", {})
+    if seen.get(group_index) == where:
+        return
+    type(self)._update_model_bit16_weights(self, group_index)
+    seen[group_index] = (flat.data_ptr(), *(p.data_ptr() for p in params))
+
+
+def keep_bit16_views(optimizer) -> bool:
+    """Install :func:`_update_bit16_views_if_moved` on a DeepSpeed ZeRO-1/2 optimizer instance.
+    Returns whether it applied. The weights after each step are DeepSpeed's: the step tests
+    against torch's AdamW (``tests/integration/test_host_sync.py``) and against one process
+    (``test_deepspeed.py``) run with it; ``tests/unit/test_bench.py`` checks that the
+    operations are gone."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if type(optimizer) is not DeepSpeedZeroOptimizer or not hasattr(optimizer, "_update_model_bit16_weights"):
+        return False
+    optimizer._update_model_bit16_weights = types.MethodType(_update_bit16_views_if_moved, optimizer)
     return True
 
 

@@ -92,7 +92,15 @@ def watched_loop(run, cfg) -> dict:
 
 # Our gradient norm (one _foreach_norm, foreach_grad_norm) against DeepSpeed's own loop on the
 # same reduced gradients of each rank's partition, fp32 and bf16 weights, ZeRO-1 and ZeRO-2.
-result["norms"] = {}
+result["norms"], result["views"] = {}, {}
+
+
+def views_of_flat(opt) -> bool:
+    """Whether every parameter's data lies in its group's flat buffer (keep_bit16_views)."""
+    return all(flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+               for flat, params in zip(opt.bit16_groups_flat, opt.bit16_groups) for p in params)
+
+
 for zero, dtype in [(z, d) for z in ("zero1", "zero2") for d in ("fp32", "bf16")]:
     cfg = load_config("demo", [f"deepspeed.fragments=[{zero}, {dtype}, clip_grad]", f"data.batch_size={GLOBAL // world}"])
     torch.manual_seed(0)
@@ -111,6 +119,19 @@ for zero, dtype in [(z, d) for z in ("zero1", "zero2") for d in ("fp32", "bf16")
         pairs.append([ours, theirs])
         engine.step()
     result["norms"][f"{zero}/{dtype}"] = pairs
+    # keep_bit16_views: a parameter whose .data something replaced is pointed at the flat
+    # buffer again by the next step, and sees that step's update
+    weight = engine.module[0].weight
+    views = [views_of_flat(opt)]
+    weight.data = weight.data.clone()
+    views.append(views_of_flat(opt))
+    for group in opt.param_groups:
+        group["lr"] = LR
+    before = weight.detach().clone()
+    engine.backward(engine(x[part]).float().square().mean())
+    engine.step()
+    views += [views_of_flat(opt), not torch.equal(before, weight.detach())]
+    result["views"][f"{zero}/{dtype}"] = views
     del engine
 
 result["loops"] = {}

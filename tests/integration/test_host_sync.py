@@ -47,6 +47,15 @@ def test_foreach_grad_norm_is_deepspeeds(driver_result, zero, dtype):
         assert ours == pytest.approx(theirs, rel=1e-6), pairs
 
 
+@pytest.mark.parametrize("zero", ["zero1", "zero2"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bit16_views_are_repointed_only_when_moved(driver_result, zero, dtype):
+    # keep_bit16_views skips DeepSpeed's re-pointing of the parameters at the flat buffer after
+    # each step; a parameter whose .data was replaced is a view of it again after the next
+    # step, updated by it: [views, views after the replacement, views after a step, updated]
+    assert driver_result["views"][f"{zero}/{dtype}"] == [True, False, True, True]
+
+
 @pytest.mark.parametrize("objective", ["clip", "pixel", "finetune", "clip_autocast", "finetune_autocast"])
 def test_training_loop_reads_no_device_value_between_log_steps(driver_result, objective):
     r = driver_result["loops"][objective]

@@ -226,12 +226,13 @@ def _step_ops(*extra) -> dict:
 
 
 def test_zero0_autocast_step_adds_no_operations_to_the_optimizer_step():
-    # DeepSpeed's ZeRO-1 bf16 step issues many more operations than the plain step
-    # (per-parameter copies into and out of its flat buffers); with fp32 weights under
-    # autocast and no ZeRO, the optimizer step is the plain step's, op for op.
-    ours, deepspeeds = _step_ops(), _step_ops("--deepspeed-norm")
+    # With fp32 weights under autocast and no ZeRO, the optimizer step is the plain step's,
+    # op for op. DeepSpeed's ZeRO-1 bf16 step issued many more (a norm loop of three operations
+    # per parameter, 176 here, and a re-pointing of the bf16 views of four); with
+    # foreach_grad_norm and keep_bit16_views installed it issues fewer than the plain step.
+    ours, deepspeeds = _step_ops(), _step_ops("--deepspeed-loops")
     plain, zero1, autocast = (ours[k][1] for k in ("plain (torch fused AdamW, autocast)", "DeepSpeed zero1 + bf16",
                                                    "DeepSpeed zero0 + bf16_autocast"))
-    assert autocast == plain < zero1, ours
-    # foreach_grad_norm: DeepSpeed's norm loop issued three operations per parameter (176 here)
-    assert deepspeeds["DeepSpeed zero1 + bf16"][1] - zero1 >= 2 * 176, (ours, deepspeeds)
+    assert autocast == plain, ours
+    assert deepspeeds["DeepSpeed zero1 + bf16"][1] > plain > zero1, (ours, deepspeeds)
+    assert deepspeeds["DeepSpeed zero1 + bf16"][1] - zero1 >= 6 * 176, (ours, deepspeeds)
