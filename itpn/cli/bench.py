@@ -64,6 +64,7 @@ from ..layers import attention_impl
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
                             pretrain_loader, register_fused_mlp_params)
 from ..engine.config import DTYPES, PRECISION_FRAGMENTS, load_config
+from ..engine.host_sync import foreach_clip_grad_norm_
 from ..models.flops import count_train_flops, vit_forward_flops
 
 
@@ -243,6 +244,8 @@ class TrainStep:
             return
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # fused rows: torch's clip without its per-parameter norm.to(device) (host_sync.py)
+        self.clip = foreach_clip_grad_norm_ if setting["fused"] else torch.nn.utils.clip_grad_norm_
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
                                      fused=setting["fused"] or None, foreach=False if not setting["fused"] else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=setting["dtype"] == "fp16")
@@ -270,7 +273,7 @@ class TrainStep:
             self.engine.step()
             return
         self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.params, 3.0)
+        self.clip(self.params, 3.0)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)

@@ -225,14 +225,15 @@ def _step_ops(*extra) -> dict:
             if line.startswith(("plain", "DeepSpeed z"))}
 
 
-def test_zero0_autocast_step_adds_no_operations_to_the_optimizer_step():
-    # With fp32 weights under autocast and no ZeRO, the optimizer step is the plain step's,
-    # op for op. DeepSpeed's ZeRO-1 bf16 step issued many more (a norm loop of three operations
-    # per parameter, 176 here, and a re-pointing of the bf16 views of four); with
-    # foreach_grad_norm and keep_bit16_views installed it issues fewer than the plain step.
+def test_optimizer_steps_issue_no_operation_per_parameter():
+    # Operations outside the optimizer's own update (torch's fused AdamW in every row; the
+    # tiny recipe has 176 parameters). The plain step and zero0 + bf16_autocast clip with
+    # foreach_clip_grad_norm_, the same few operations. DeepSpeed's ZeRO-1 bf16 step issued a
+    # norm loop of three operations per parameter and a re-pointing of the bf16 views of four;
+    # with foreach_grad_norm and keep_bit16_views installed, none is left per parameter.
     ours, deepspeeds = _step_ops(), _step_ops("--deepspeed-loops")
     plain, zero1, autocast = (ours[k][1] for k in ("plain (torch fused AdamW, autocast)", "DeepSpeed zero1 + bf16",
                                                    "DeepSpeed zero0 + bf16_autocast"))
-    assert autocast == plain, ours
-    assert deepspeeds["DeepSpeed zero1 + bf16"][1] > plain > zero1, (ours, deepspeeds)
+    assert autocast == plain < 20, ours
+    assert zero1 < 176, ours
     assert deepspeeds["DeepSpeed zero1 + bf16"][1] - zero1 >= 6 * 176, (ours, deepspeeds)

@@ -3,7 +3,10 @@ that need no process group (the whole step: tests/integration/test_host_sync.py)
 
 import torch
 
-from itpn.engine.host_sync import HostSyncWatch, _mask_invalid_norm, sync_free_norm_masking
+import pytest
+from torch.profiler import ProfilerActivity, profile
+
+from itpn.engine.host_sync import HostSyncWatch, _mask_invalid_norm, foreach_clip_grad_norm_, sync_free_norm_masking
 
 
 def test_watch_records_host_data_sent_to_a_device_and_accelerator_syncs():
@@ -39,3 +42,42 @@ def test_norm_masking_matches_deepspeeds_and_copies_nothing():
     with HostSyncWatch() as watch:
         stage_1_and_2.mask_nan_or_inf_with_val_inplace(torch.tensor(float("nan")), device="cpu")
     assert watch.calls == []
+
+
+def _params_with_grads(seed, dtypes, scale):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for i, dtype in enumerate(dtypes):
+        p = torch.nn.Parameter(torch.zeros(3 + i, 5, dtype=dtype))
+        p.grad = (torch.randn(3 + i, 5, generator=g) * scale).to(dtype)
+        params.append(p)
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped, as torch skips it
+    return params
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32] * 6, [torch.bfloat16] * 4, [torch.float32, torch.bfloat16] * 3])
+@pytest.mark.parametrize("scale", [0.01, 10.0, float("nan")])
+def test_foreach_clip_is_torchs_bit_for_bit(dtypes, scale):
+    # the same norm and clipped gradients as torch's clip_grad_norm_(foreach=True): below and
+    # above max_norm, fp32, bf16 and both in one list (grouped by dtype), and a NaN gradient
+    ours, theirs = _params_with_grads(0, dtypes, scale), _params_with_grads(0, dtypes, scale)
+    if scale != scale:
+        for params in (ours, theirs):
+            params[0].grad[0, 0] = float("nan")
+            params[1].grad.mul_(10.0)
+    norm = foreach_clip_grad_norm_(ours, 1.0)
+    ref = torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=True)
+    assert torch.equal(norm, ref) or (norm.isnan() and ref.isnan())
+    assert norm.dtype == ref.dtype
+    for a, b in zip(ours[:-1], theirs[:-1]):
+        assert a.grad.dtype == b.grad.dtype and torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
+    assert ours[-1].grad is None
+
+
+def test_foreach_clip_issues_no_operation_per_parameter():
+    params = _params_with_grads(1, [torch.float32] * 40, 10.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        foreach_clip_grad_norm_(params, 1.0)
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]  # top level
+    assert ops.count("aten::_foreach_norm") == 1 and ops.count("aten::to") <= 1, ops
+    assert len(ops) < 10, ops
