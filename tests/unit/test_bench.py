@@ -3,6 +3,7 @@ synthetic batches, the real loader, a DeepSpeed engine (ZeRO-3 + CPU offload) an
 largest-batch search."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,12 +218,15 @@ def test_count_host_syncs_counts_a_second_step_and_says_where_syncs_happen():
 
 
 def _step_ops(*extra) -> dict:
-    """Operations per step from benchmarks/count_step_ops.py: {label: (fwd+bwd, optimizer)}."""
+    """Operations per step from benchmarks/count_step_ops.py: {label: (fwd+bwd, optimizer)},
+    and {"loops": [lines]} the timings of --time-loops."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "count_step_ops.py"), "--steps", "0", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {line[:40].strip(): tuple(int(n) for n in line[40:].split()[:2]) for line in proc.stdout.splitlines()
-            if line.startswith(("plain", "DeepSpeed z"))}
+    lines = proc.stdout.splitlines()
+    return {**{line[:40].strip(): tuple(int(n) for n in line[40:].split()[:2]) for line in lines
+               if line.startswith(("plain", "DeepSpeed z"))},
+            "loops": [line.strip() for line in lines if line.startswith("  DeepSpeed z")]}
 
 
 def test_optimizer_steps_issue_no_operation_per_parameter():
@@ -231,9 +235,15 @@ def test_optimizer_steps_issue_no_operation_per_parameter():
     # foreach_clip_grad_norm_, the same few operations. DeepSpeed's ZeRO-1 bf16 step issued a
     # norm loop of three operations per parameter and a re-pointing of the bf16 views of four;
     # with foreach_grad_norm and keep_bit16_views installed, none is left per parameter.
-    ours, deepspeeds = _step_ops(), _step_ops("--deepspeed-loops")
+    ours, deepspeeds = _step_ops("--time-loops", "2"), _step_ops("--deepspeed-loops")
     plain, zero1, autocast = (ours[k][1] for k in ("plain (torch fused AdamW, autocast)", "DeepSpeed zero1 + bf16",
                                                    "DeepSpeed zero0 + bf16_autocast"))
     assert autocast == plain < 20, ours
     assert zero1 < 176, ours
     assert deepspeeds["DeepSpeed zero1 + bf16"][1] - zero1 >= 6 * 176, (ours, deepspeeds)
+    # --time-loops times both loops alone, DeepSpeed's against ours, for each ZeRO-1 engine
+    # (and not with --deepspeed-loops, where ours are not installed)
+    assert [line.split(":")[0] for line in ours["loops"]] == ["DeepSpeed zero1 + bf16", "DeepSpeed zero1 + bf16_autocast"]
+    assert all(re.search(r"gradient norm: DeepSpeed \d+ us -> ours \d+ us, bf16 re-pointing: DeepSpeed \d+ us -> ours "
+                         r"\d+ us$", line) for line in ours["loops"]), ours["loops"]
+    assert deepspeeds["loops"] == []
