@@ -4,9 +4,11 @@ forward + backward and the optimizer step, for the benchmark's plain step and th
 inside DeepSpeed (issue #6: the H200 profile of 2026-12-04 found 3,422 copy / cast / fill
 kernels per ZeRO-1 step against 911 in the plain step, and its optimizer step took 45 ms
 against 13). Runs anywhere (CPU by default); counts top-level operations (those no other ATen
-operation called), after two warm-up steps, with the ``fused`` setting of itpn-bench. The
-times are medians over ``--steps`` steps on one thread: with the tiny recipe's tensors on a
-CPU they are mostly the per-operation and per-parameter cost of the Python that issues them.
+operation called; the optimizer's own update, torch's fused AdamW in every engine, runs under
+its ``Optimizer.step`` annotation and is not counted), after two warm-up steps, with the
+``fused`` setting of itpn-bench. The times are medians over ``--steps`` steps on one thread;
+on a CPU they include the arithmetic as well as the host's per-operation cost and vary by 1-3
+ms between runs, so ``--time-loops`` times the two per-parameter loops we replace alone.
 
     python benchmarks/count_step_ops.py --recipe tiny --batch 4
     python benchmarks/count_step_ops.py --recipe tiny --batch 4 --deepspeed-loops   # DeepSpeed's own loops
