@@ -113,7 +113,7 @@ def main(argv=None):
         with attention_impl(setting["attn"]):
             step = bench.TrainStep(cfg, setting, args.batch, device, iter(lambda: fixed, None), 0, zero, precision)
             optimizer = getattr(step.engine, "optimizer", None)
-            for name in ("get_grad_norm_direct", "_update_model_bit16_weights"):
+            for name in ("get_grad_norm_direct", "_update_model_bit16_weights", "reduce_gradients", "setup_buckets"):
                 if args.deepspeed_loops and name in getattr(optimizer, "__dict__", {}):
                     delattr(optimizer, name)
             for _ in range(2):

@@ -35,6 +35,7 @@ from .config import DTYPES, ConfigError, autocast_weights, deepspeed_config, pre
 from .faults import maybe_die, maybe_inf_grad
 from .host_sync import (foreach_grad_norm, keep_bit16_views, sync_free_clipping, sync_free_fp32_clip,
                         sync_free_norm_masking)
+from .zero_reduce import flat_zero1_reduction
 from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
 from .param_groups import param_groups
 from .schedules import Schedule, scaled_lr
@@ -268,6 +269,7 @@ def _engine(module, cfg, ds_cfg, optimizer):
     sync_free_norm_masking()  # and no host-to-device copy in computing it
     foreach_grad_norm(engine.optimizer)  # ZeRO-1/2: one multi-tensor norm, not a Python loop per parameter
     keep_bit16_views(engine.optimizer)  # and no re-pointing of every parameter after each step
+    flat_zero1_reduction(engine.optimizer)  # ZeRO-1: gradients reduced from one flat buffer, not copied one by one
     sync_free_fp32_clip(engine)  # fp32 weights without ZeRO (zero0 + bf16_autocast or fp32): torch's clip
     stage3 = engine.zero_optimization_stage() == 3
     misaligned = (zero3_misaligned_compiled_parameters(engine.module) if stage3

@@ -134,6 +134,60 @@ for zero, dtype in [(z, d) for z in ("zero1", "zero2") for d in ("fp32", "bf16")
     result["views"][f"{zero}/{dtype}"] = views
     del engine
 
+# flat_zero1_reduction (installed by _engine) against DeepSpeed's own ZeRO-1 reduction (the
+# instance's methods removed): the gradient partition each rank's step receives and the weights
+# after it, step by step, fp32 and bf16 weights, reduce-scatter on and off, 2 micro-batches per
+# step, one parameter the forward never uses; and the reduction bucket DeepSpeed allocates at
+# the first gradient hook of a backward, seen from the end of that backward.
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+        self.unused = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def step_gradients(opt) -> list:
+    """Each group's gradient partition as the step will read it (ours pre-flattened)."""
+    parts = [getattr(g, "flat_partition", None) for g in opt.averaged_gradients.values()]
+    return [v for p, g in zip(parts, opt.averaged_gradients.values())
+            for t in ([p] if p is not None else g) for v in t.float().reshape(-1).tolist()]
+
+
+result["flat"] = {}
+for dtype, scatter in [(d, s) for d in ("fp32", "bf16") for s in (True, False)]:
+    runs = {}
+    for reduction in ("ours", "deepspeed"):
+        cfg = load_config("demo", [f"deepspeed.fragments=[zero1, {dtype}, clip_grad]", "deepspeed.grad_accum=2",
+                                   f"data.batch_size={GLOBAL // world // 2}"])
+        torch.manual_seed(0)
+        model = WithUnused()
+        ds_cfg = deepspeed_config(cfg, world)
+        ds_cfg["zero_optimization"]["reduce_scatter"] = scatter
+        engine = _engine(model, cfg, ds_cfg, _optimizer(param_groups(model, 0.05), cfg, device, ds_cfg))
+        opt = engine.optimizer
+        installed = "reduce_gradients" in opt.__dict__
+        if reduction == "deepspeed":
+            del opt.reduce_gradients, opt.setup_buckets
+        x = torch.randn(2 * GLOBAL, 8, generator=torch.Generator().manual_seed(3)).to(engine.module.body[0].weight.dtype)
+        micro = GLOBAL // world // 2
+        grads, weights, buckets = [], [], []
+        for step, scale in enumerate(SCALES):
+            for m in range(2):
+                start = step % 2 * GLOBAL + rank * GLOBAL // world + m * micro
+                xb = x[start:start + micro].clone().requires_grad_()
+                xb.register_hook(lambda g: buckets.append([len(b.buffer) for b in opt.ipg_buckets.values()]))
+                engine.backward(engine(xb).float().square().mean() * scale)
+                if m == 1:
+                    grads.append(step_gradients(opt))
+                engine.step()
+            weights.append(torch.cat([p.detach().float().reshape(-1) for p in engine.module.parameters()]).tolist())
+        runs[reduction] = dict(installed=installed, grads=grads, weights=weights, buckets=buckets)
+        del engine
+    result["flat"][f"{dtype}/reduce_scatter={scatter}"] = runs
+
 result["loops"] = {}
 # CLIP-MFM also with fp32 weights under bf16 autocast without ZeRO (zero0 + bf16_autocast: torch's
 # clip in place of DeepSpeed's, which copied two Python scalars to the device per step).

@@ -56,6 +56,23 @@ def test_bit16_views_are_repointed_only_when_moved(driver_result, zero, dtype):
     assert driver_result["views"][f"{zero}/{dtype}"] == [True, False, True, True]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("scatter", [True, False])
+def test_flat_zero1_reduction_is_deepspeeds_bit_for_bit(driver_result, dtype, scatter):
+    # flat_zero1_reduction: one copy of all gradients into a flat buffer and one collective, in
+    # place of DeepSpeed's two copies per parameter; each rank's step gets the same gradient
+    # partition and makes the same weights, over 4 steps of 2 micro-batches with clipping
+    runs = driver_result["flat"][f"{dtype}/reduce_scatter={scatter}"]
+    ours, theirs = runs["ours"], runs["deepspeed"]
+    assert ours["installed"] and len(ours["grads"]) == 4 and len(ours["weights"]) == 4
+    assert any(any(g) for g in ours["grads"]) and ours["weights"][0] != ours["weights"][-1]
+    assert ours["grads"] == theirs["grads"]
+    assert ours["weights"] == theirs["weights"]
+    # and DeepSpeed's reduction bucket (reduce_bucket_size elements) is never allocated
+    assert len(ours["buckets"]) == 8 and all(n == 0 for b in ours["buckets"] for n in b), ours["buckets"]
+    assert all(n >= 1 for b in theirs["buckets"] for n in b), theirs["buckets"]
+
+
 @pytest.mark.parametrize("objective", ["clip", "pixel", "finetune", "clip_autocast", "finetune_autocast"])
 def test_training_loop_reads_no_device_value_between_log_steps(driver_result, objective):
     r = driver_result["loops"][objective]
