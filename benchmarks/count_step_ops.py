@@ -8,7 +8,7 @@ operation called; the optimizer's own update, torch's fused AdamW in every engin
 its ``Optimizer.step`` annotation and is not counted), after two warm-up steps, with the
 ``fused`` setting of itpn-bench. The times are medians over ``--steps`` steps on one thread;
 on a CPU they include the arithmetic as well as the host's per-operation cost and vary by 1-3
-ms between runs, so ``--time-loops`` times the two per-parameter loops we replace alone.
+ms between runs, so ``--time-loops`` times the per-parameter loops we replace alone.
 
     python benchmarks/count_step_ops.py --recipe tiny --batch 4
     python benchmarks/count_step_ops.py --recipe tiny --batch 4 --deepspeed-loops   # DeepSpeed's own loops
@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from itpn.cli import bench
+from itpn.engine.runner import deepspeed_own_methods
 from itpn.layers import attention_impl
 
 #: (label, ZeRO fragment or None for the plain step, precision fragment or None for the setting's)
@@ -61,9 +62,11 @@ def _us_per_call(fn, n: int) -> float:
 
 
 def time_loops(step, optimizer, n: int) -> str:
-    """The two per-parameter loops foreach_grad_norm and keep_bit16_views replace, timed alone
-    on the gradients of one backward: ours (the instance's methods) against DeepSpeed's (its
-    class's), in microseconds per call over every parameter group."""
+    """The per-parameter loops foreach_grad_norm, keep_bit16_views and (ZeRO-1)
+    flat_zero1_reduction replace, timed alone on the gradients of one backward: ours (the
+    instance's methods) against DeepSpeed's (its class's), in microseconds per call over every
+    parameter group. The reduction consumes the gradients, so each call gets fresh copies
+    first; the time of making them alone is subtracted."""
     step.student_fwd_bwd(step.teacher_fwd())
     groups = range(len(optimizer.bit16_groups))
     cls, row = type(optimizer), {}
@@ -73,6 +76,25 @@ def time_loops(step, optimizer, n: int) -> str:
             ("bf16 re-pointing", lambda: [optimizer._update_model_bit16_weights(i) for i in groups],
              lambda: [cls._update_model_bit16_weights(optimizer, i) for i in groups])):
         row[name] = f"DeepSpeed {_us_per_call(theirs, n):.0f} us -> ours {_us_per_call(ours, n):.0f} us"
+    if "reduce_gradients" in optimizer.__dict__:  # flat_zero1_reduction installed
+        params = [p for group in optimizer.bit16_groups for p in group]
+        saved = [torch.ones_like(p) for p in params]  # the values do not change the work
+
+        def fresh_grads():  # each reduction consumes .grad (DeepSpeed's also re-points it at its bucket)
+            for p, g in zip(params, saved):
+                p.grad = g.clone()
+
+        def reduction(setup, reduce):
+            fresh_grads()
+            setup()
+            reduce()
+        base = _us_per_call(fresh_grads, n)
+        theirs = _us_per_call(lambda: reduction(lambda: cls.setup_buckets(optimizer),
+                                                lambda: cls.reduce_gradients(optimizer)), n) - base
+        ours = _us_per_call(lambda: reduction(optimizer.setup_buckets, optimizer.reduce_gradients), n) - base
+        row["ZeRO-1 gradient reduction"] = f"DeepSpeed {theirs:.0f} us -> ours {ours:.0f} us"
+        fresh_grads()
+        optimizer.reduce_gradients()
     step.optimizer_step()
     return ", ".join(f"{k}: {v}" for k, v in row.items())
 
@@ -96,8 +118,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=20, help="timed steps per engine (0: count only)")
     p.add_argument("--deepspeed-loops", action="store_true",
-                   help="ZeRO-1/2 with DeepSpeed's own per-parameter loops for the gradient norm and the bf16 "
-                        "views (the engine installs foreach_grad_norm and keep_bit16_views in their place)")
+                   help="ZeRO-1/2 with DeepSpeed's own methods in place of those the engine installs (the clip, "
+                        "the gradient norm, the bf16 views, the ZeRO-1 reduction: runner.deepspeed_own_methods)")
     p.add_argument("--time-loops", type=int, default=0, metavar="N",
                    help="ZeRO-1/2: also time the gradient norm and the bf16 re-pointing alone, DeepSpeed's "
                         "against ours, N calls each (microseconds per call, median of 5 rounds)")
@@ -113,9 +135,8 @@ def main(argv=None):
         with attention_impl(setting["attn"]):
             step = bench.TrainStep(cfg, setting, args.batch, device, iter(lambda: fixed, None), 0, zero, precision)
             optimizer = getattr(step.engine, "optimizer", None)
-            for name in ("get_grad_norm_direct", "_update_model_bit16_weights", "reduce_gradients", "setup_buckets"):
-                if args.deepspeed_loops and name in getattr(optimizer, "__dict__", {}):
-                    delattr(optimizer, name)
+            if args.deepspeed_loops:
+                deepspeed_own_methods(optimizer)
             for _ in range(2):
                 step()
             targets = step.teacher_fwd()

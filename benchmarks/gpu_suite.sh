@@ -7,8 +7,9 @@
 #                                     our fused MLP (kernel profile of the last), the GPU tests, the
 #                                     folded step inside DeepSpeed ZeRO-1 with its host-sync count,
 #                                     FP8 linears, the attention microbenchmark
-#   benchmarks/gpu_suite.sh fifth     the next lease after 2026-12-04's fourth session (~9 minutes): the
-#                                     trainer's ZeRO-1 step with its sync count, the DeepSpeed GPU
+#   benchmarks/gpu_suite.sh fifth     the next lease after 2026-12-04's fourth session (~10 minutes): the
+#                                     trainer's ZeRO-1 step with its sync count and against DeepSpeed's
+#                                     own methods (--deepspeed-loops), the DeepSpeed GPU
 #                                     tests, zero0 + bf16_autocast, the ZeRO-1 step's kernel profile (second, third, fourth: what
 #                                     that day's leases ran, kept for their commands)
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
@@ -94,11 +95,14 @@ case "${1:?part: first | second | third | fourth | fifth | check | clip_l | memo
     limited 95 bench --recipe clip_b --batch 256 --steps 10 --ladder fold ;;
   fourth)  # what `third` leaves, if the machine is still warm (~2 minutes)
     limited 110 bench --recipe pixel_l --batch 256 --steps 8 --ladder fold ;;
-  fifth)  # after `third` (2026-12-04): the ZeRO-1 step without DeepSpeed's device syncs and with
-    # the fp32 bias-table gather, the GPU tests that failed there, the same step with fp32 weights
-    # under autocast without ZeRO, and the fixed ZeRO-1 step's kernel profile (~9 minutes:
-    # run(carry=[".whl"], timeout_s=580, ...))
+  fifth)  # after `third` (2026-12-04): the ZeRO-1 step without DeepSpeed's device syncs, with the
+    # fp32 bias-table gather, the foreach norm, the kept bf16 views and the flat ZeRO-1 reduction
+    # (2026-12-05), against the same step with DeepSpeed's own methods; the GPU tests that failed
+    # there; the same step with fp32 weights under autocast without ZeRO; and the ZeRO-1 step's
+    # kernel profile, last, cut short if the call's limit comes first (~10 minutes:
+    # run(carry=[".whl"], timeout_s=590, ...))
     limited 140 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --check-syncs
+    limited 110 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --deepspeed-loops
     limited 150 "$PY" -m pytest -v -n 4 --timeout 140 -p no:benchmark -rfE --tb=short tests/gpu -k "deepspeed or fp8_gemms"
     limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero0 --ds-precision bf16_autocast \
       --check-syncs

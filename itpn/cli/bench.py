@@ -223,7 +223,7 @@ class TrainStep:
     """
 
     def __init__(self, cfg: dict, setting: dict, batch: int, device, batches, ckpt_every: int = 0,
-                 zero: str | None = None, ds_precision: str | None = None):
+                 zero: str | None = None, ds_precision: str | None = None, deepspeed_loops: bool = False):
         self.dtype = DTYPES[setting["dtype"]]
         self.teacher = build_teacher(cfg, self.dtype, device)
         model = build_objective(cfg, self.teacher)
@@ -241,6 +241,9 @@ class TrainStep:
         if zero:
             self.engine = deepspeed_engine(cfg, model, zero, ds_precision or setting["dtype"], setting["fused"], batch,
                                            device)
+            if deepspeed_loops:  # the baseline: DeepSpeed's own per-parameter loops and reduction
+                from ..engine.runner import deepspeed_own_methods
+                deepspeed_own_methods(self.engine.optimizer)
             return
         self.model = model.to(device).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -300,7 +303,8 @@ def deepspeed_engine(cfg: dict, model, zero: str, dtype: str, fused: bool, batch
 
 def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, warmup: int, device,
                 split: bool = True, profile: str | None = None, ckpt_every: int = 0, loader=None,
-                zero: str | None = None, check_syncs: bool = False, ds_precision: str | None = None) -> dict:
+                zero: str | None = None, check_syncs: bool = False, ds_precision: str | None = None,
+                deepspeed_loops: bool = False) -> dict:
     torch._dynamo.reset()  # fresh graphs: a second batch size would otherwise recompile with dynamic shapes
     if loader is None:
         fixed = make_batch(cfg, batch, device)
@@ -308,7 +312,7 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
     else:
         batches = loader_batches(loader, device)
     with attention_impl(setting["attn"]):
-        step = TrainStep(cfg, setting, batch, device, batches, ckpt_every, zero, ds_precision)
+        step = TrainStep(cfg, setting, batch, device, batches, ckpt_every, zero, ds_precision, deepspeed_loops)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(warmup):
@@ -552,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "(zero1, zero2, zero3, zero3_offload); the recipe's other fragments are kept")
     parser.add_argument("--ds-precision", help="with --zero: the precision fragment in place of the setting's dtype "
                                                "(bf16_autocast: fp32 weights under bf16 autocast, no bf16 copy)")
+    parser.add_argument("--deepspeed-loops", action="store_true",
+                        help="with --zero: DeepSpeed's own methods in place of those the trainer installs (the "
+                             "clip, the gradient norm, the bf16 views, the ZeRO-1 reduction): the baseline for them")
     parser.add_argument("--memory-gib", type=float, help="cap the GPU memory this process may use (emulates a "
                                                          "smaller GPU, e.g. 24)")
     parser.add_argument("--max-batch", action="store_true",
@@ -564,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ds_precision and not args.zero:
         parser.error("--ds-precision applies to the DeepSpeed step: give --zero too")
+    if args.deepspeed_loops and not args.zero:
+        parser.error("--deepspeed-loops applies to the DeepSpeed step: give --zero too")
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.memory_gib:
@@ -605,7 +614,8 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
         teacher_dim = build_teacher(cfg, torch.float32, "cpu").embed_dim
     student_gflop = count_student_flops(cfg, teacher_dim) / 1e9
     workers = cfg["data"]["num_workers"] if args.workers is None else args.workers
-    suffix = (f"/{args.zero}" if args.zero else "") + (f"+{args.ds_precision}" if args.ds_precision else "")
+    suffix = ((f"/{args.zero}" if args.zero else "") + (f"+{args.ds_precision}" if args.ds_precision else "")
+              + ("+deepspeed-loops" if args.deepspeed_loops else ""))
     print(f"recipe {args.recipe}: {student_gflop:.1f} GFLOP/img student fwd+bwd", flush=True)
 
     def measure(name, batch, loader=None, steps=args.steps, split=True, profile=None, contain=True):
@@ -614,6 +624,7 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
         try:
             r = run_setting(cfg, label, LADDER[name], batch, steps, warm, device, split=split, profile=profile,
                             ckpt_every=args.ckpt_every, loader=loader, zero=args.zero, ds_precision=args.ds_precision,
+                            deepspeed_loops=args.deepspeed_loops,
                             check_syncs=args.check_syncs and loader is None)
         except torch.OutOfMemoryError:
             release(device)

@@ -291,6 +291,22 @@ def _engine(module, cfg, ds_cfg, optimizer):
     return engine
 
 
+#: The methods ``_engine`` replaces on DeepSpeed's ZeRO-1/2 optimizer instance (host_sync.py,
+#: zero_reduce.py); DeepSpeed's class keeps its own.
+OUR_ZERO_METHODS = ("unscale_and_clip_grads", "get_grad_norm_direct", "_update_model_bit16_weights",
+                    "reduce_gradients", "setup_buckets")
+
+
+def deepspeed_own_methods(optimizer) -> list[str]:
+    """Give a ZeRO optimizer instance DeepSpeed's own methods back in place of ours (the
+    baseline that ``itpn-bench --deepspeed-loops`` and ``count_step_ops.py --deepspeed-loops``
+    measure ours against). Returns the names removed. ``sync_free_norm_masking`` (module-wide,
+    the same values) and the config's choices (no throughput timer, no ``overlap_comm``) stay."""
+    removed = [name for name in OUR_ZERO_METHODS if name in getattr(optimizer, "__dict__", {})]
+    for name in removed:
+        delattr(optimizer, name)
+    return removed
+
 def zero3_misaligned_compiled_parameters(module) -> list[str]:
     """Parameters of compiled blocks that ZeRO-3 would hand the compiled kernels at an address
     that is not 16-byte aligned (see ``misaligned_compiled_parameters`` for why that fails).

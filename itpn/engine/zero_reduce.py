@@ -46,7 +46,7 @@ import torch
 @dataclass
 class _Layout:
     """Where one parameter group's gradients go: ``key`` identifies the flat weights it was
-    built for (their storage and every parameter's address in it)."""
+    built for (their storage and this rank's partition of them)."""
     key: tuple
     grads: torch.Tensor  # flat, laid out as bit16_groups_flat[i]
     views: list  # one per parameter of bit16_groups[i], shaped as the parameter
@@ -71,35 +71,40 @@ def applies(opt) -> bool:
 
 
 def _layout(opt, i: int) -> _Layout:
-    """The flat gradient buffer of group ``i`` and its views, rebuilt only when the flat
-    weights or a parameter moved (as keep_bit16_views decides for the weights)."""
+    """The flat gradient buffer of group ``i``, its views and the step's partition, rebuilt
+    only when the flat weights or this rank's partition of them moved (DeepSpeed's offload
+    and reload of states)."""
     from deepspeed import comm as dist
     from deepspeed.runtime.zero.stage_1_and_2 import GradPartitionBufferGroup
 
     flat, params = opt.bit16_groups_flat[i], opt.bit16_groups[i]
-    key = (flat.data_ptr(), flat.numel(), *(p.data_ptr() for p in params))
+    rank = dist.get_rank(group=opt.real_dp_process_group[i])
+    world = dist.get_world_size(group=opt.real_dp_process_group[i])
+    weights_partition = opt.parallel_partitioned_bit16_groups[i][rank]
+    key = (flat.data_ptr(), flat.numel(), weights_partition.data_ptr(), weights_partition.numel())
     cache = opt.__dict__.setdefault("_itpn_flat_grads", {})
     if i in cache and cache[i].key == key:
         return cache[i]
-    size = flat.element_size()
+    # Each parameter's place in the flat weights, as DeepSpeed laid them out (and points the
+    # parameters at them after a step): not where a parameter's data happens to be now.
+    where = {id(p): off for p, off in zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_offsets[i])}
 
-    def offset(t: torch.Tensor) -> int:
-        start = (t.data_ptr() - flat.data_ptr()) // size
-        if not (t.is_contiguous() and 0 <= start and start + t.numel() <= flat.numel()):
-            raise RuntimeError(f"flat ZeRO-1 reduction: a tensor of parameter group {i} ({tuple(t.shape)}) is not "
-                               "a contiguous slice of the group's flat weights")
-        return start
+    def offset(p: torch.Tensor) -> int:
+        if id(p) not in where or where[id(p)] + p.numel() > flat.numel():
+            raise RuntimeError(f"flat ZeRO-1 reduction: a parameter of group {i} ({tuple(p.shape)}) has no place in "
+                               f"the group's flat weights ({flat.numel()} elements)")
+        return where[id(p)]
 
     old = cache.get(i)
     grads = (old.grads if old is not None and old.grads.numel() == flat.numel() and old.grads.dtype == flat.dtype
              and old.grads.device == flat.device else torch.zeros_like(flat))
     grads.zero_()  # alignment padding stays zero from here on
-    starts = [offset(p) for p in params]
-    views = [grads.narrow(0, s, p.numel()).view_as(p) for s, p in zip(starts, params)]
-    rank = dist.get_rank(group=opt.real_dp_process_group[i])
-    world = dist.get_world_size(group=opt.real_dp_process_group[i])
-    weights_partition = opt.parallel_partitioned_bit16_groups[i][rank]
-    start, numel = offset(weights_partition), weights_partition.numel()
+    views = [grads.narrow(0, offset(p), p.numel()).view_as(p) for p in params]
+    size = flat.element_size()
+    start, numel = (weights_partition.data_ptr() - flat.data_ptr()) // size, weights_partition.numel()
+    if not (0 <= start and start + numel <= flat.numel()):
+        raise RuntimeError(f"flat ZeRO-1 reduction: rank {rank}'s weight partition of group {i} is not a slice of the "
+                           "group's flat weights")
     if opt.reduce_scatter:
         if flat.numel() != world * numel or start != rank * numel:
             raise RuntimeError(f"flat ZeRO-1 reduction: parameter group {i}'s flat weights ({flat.numel()} elements) "
