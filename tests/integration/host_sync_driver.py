@@ -157,7 +157,11 @@ def step_gradients(opt) -> list:
 
 
 result["flat"] = {}
-for dtype, scatter in [(d, s) for d in ("fp32", "bf16") for s in (True, False)]:
+# DeepSpeed's averaging options too: the gradients divided before the collective
+# (prescale_gradients) or pre-divided by a factor and scaled after it
+SCALING = {"": {}, "/prescale": {"prescale_gradients": True}, "/predivide=4": {"gradient_predivide_factor": 4.0}}
+for dtype, scatter, scaling in [*((d, s, "") for d in ("fp32", "bf16") for s in (True, False)),
+                                ("bf16", True, "/prescale"), ("bf16", True, "/predivide=4")]:
     runs = {}
     for reduction in ("ours", "deepspeed"):
         cfg = load_config("demo", [f"deepspeed.fragments=[zero1, {dtype}, clip_grad]", "deepspeed.grad_accum=2",
@@ -166,8 +170,11 @@ for dtype, scatter in [(d, s) for d in ("fp32", "bf16") for s in (True, False)]:
         model = WithUnused()
         ds_cfg = deepspeed_config(cfg, world)
         ds_cfg["zero_optimization"]["reduce_scatter"] = scatter
+        ds_cfg.update(SCALING[scaling])
         engine = _engine(model, cfg, ds_cfg, _optimizer(param_groups(model, 0.05), cfg, device, ds_cfg))
         opt = engine.optimizer
+        for group in opt.param_groups:
+            group["lr"] = LR
         installed = "reduce_gradients" in opt.__dict__
         if reduction == "deepspeed":
             del opt.reduce_gradients, opt.setup_buckets
@@ -184,9 +191,10 @@ for dtype, scatter in [(d, s) for d in ("fp32", "bf16") for s in (True, False)]:
                     grads.append(step_gradients(opt))
                 engine.step()
             weights.append(torch.cat([p.detach().float().reshape(-1) for p in engine.module.parameters()]).tolist())
-        runs[reduction] = dict(installed=installed, grads=grads, weights=weights, buckets=buckets)
+        runs[reduction] = dict(installed=installed, grads=grads, weights=weights, buckets=buckets,
+                               scaling=[opt.postscale_gradients, opt.gradient_predivide_factor])
         del engine
-    result["flat"][f"{dtype}/reduce_scatter={scatter}"] = runs
+    result["flat"][f"{dtype}/reduce_scatter={scatter}{scaling}"] = runs
 
 result["loops"] = {}
 # CLIP-MFM also with fp32 weights under bf16 autocast without ZeRO (zero0 + bf16_autocast: torch's

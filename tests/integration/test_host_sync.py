@@ -56,15 +56,18 @@ def test_bit16_views_are_repointed_only_when_moved(driver_result, zero, dtype):
     assert driver_result["views"][f"{zero}/{dtype}"] == [True, False, True, True]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("scatter", [True, False])
-def test_flat_zero1_reduction_is_deepspeeds_bit_for_bit(driver_result, dtype, scatter):
+@pytest.mark.parametrize("case", ["fp32/reduce_scatter=True", "fp32/reduce_scatter=False", "bf16/reduce_scatter=True",
+                                  "bf16/reduce_scatter=False", "bf16/reduce_scatter=True/prescale",
+                                  "bf16/reduce_scatter=True/predivide=4"])
+def test_flat_zero1_reduction_is_deepspeeds_bit_for_bit(driver_result, case):
     # flat_zero1_reduction: one copy of all gradients into a flat buffer and one collective, in
     # place of DeepSpeed's two copies per parameter; each rank's step gets the same gradient
-    # partition and makes the same weights, over 4 steps of 2 micro-batches with clipping
-    runs = driver_result["flat"][f"{dtype}/reduce_scatter={scatter}"]
+    # partition and makes the same weights, over 4 steps of 2 micro-batches with clipping,
+    # with each of DeepSpeed's ways of averaging the gradients over the ranks
+    runs = driver_result["flat"][case]
     ours, theirs = runs["ours"], runs["deepspeed"]
     assert ours["installed"] and len(ours["grads"]) == 4 and len(ours["weights"]) == 4
+    assert ours["scaling"] == {"prescale": [False, 1.0], "predivide=4": [True, 4.0]}.get(case.split("/")[-1], [True, 1.0])
     assert any(any(g) for g in ours["grads"]) and ours["weights"][0] != ours["weights"][-1]
     assert ours["grads"] == theirs["grads"]
     assert ours["weights"] == theirs["weights"]
