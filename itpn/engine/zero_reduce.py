@@ -26,7 +26,8 @@ The weights' partition of each rank is a contiguous slice of the flat weights, s
 gradient partition is the same slice of the flat gradients: the step sees exactly the values
 DeepSpeed's path would give it (``tests/integration/test_host_sync.py`` compares the two bit
 for bit on 2 ranks, fp32 and bf16, with and without reduce-scatter, with gradient
-accumulation and a parameter without gradient). The buffers are allocated once and reused.
+accumulation, a parameter without gradient, and DeepSpeed's prescale and predivide
+averaging). The buffers are allocated once and reused.
 
 Everything else stays DeepSpeed's: ZeRO-2 (gradients partitioned during the backward), CPU
 offload, ``overlap_comm``, a separate gradient accumulation dtype, pipeline parallelism, MoE,
