@@ -121,8 +121,9 @@ def main(argv=None):
                    help="ZeRO-1/2 with DeepSpeed's own methods in place of those the engine installs (the clip, "
                         "the gradient norm, the bf16 views, the ZeRO-1 reduction: runner.deepspeed_own_methods)")
     p.add_argument("--time-loops", type=int, default=0, metavar="N",
-                   help="ZeRO-1/2: also time the gradient norm and the bf16 re-pointing alone, DeepSpeed's "
-                        "against ours, N calls each (microseconds per call, median of 5 rounds)")
+                   help="ZeRO-1/2: also time the gradient norm, the bf16 re-pointing and (ZeRO-1 with the flat "
+                        "reduction installed) the gradient reduction alone, DeepSpeed's against ours, N calls each "
+                        "(microseconds per call, median of 5 rounds)")
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)

@@ -35,10 +35,10 @@ from .config import DTYPES, ConfigError, autocast_weights, deepspeed_config, pre
 from .faults import maybe_die, maybe_inf_grad
 from .host_sync import (foreach_grad_norm, keep_bit16_views, sync_free_clipping, sync_free_fp32_clip,
                         sync_free_norm_masking)
-from .zero_reduce import flat_zero1_reduction
 from .metrics import MetricLogger, Throughput, device_peak_tflops, setup_logging
 from .param_groups import param_groups
 from .schedules import Schedule, scaled_lr
+from .zero_reduce import flat_zero1_reduction
 
 log = logging.getLogger("itpn.engine")
 
@@ -306,6 +306,7 @@ def deepspeed_own_methods(optimizer) -> list[str]:
     for name in removed:
         delattr(optimizer, name)
     return removed
+
 
 def zero3_misaligned_compiled_parameters(module) -> list[str]:
     """Parameters of compiled blocks that ZeRO-3 would hand the compiled kernels at an address
