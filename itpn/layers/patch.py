@@ -54,9 +54,16 @@ class PatchMerge(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The concat order (row offset first) is the reference's; weights depend on it.
-        x = torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :],
-                       x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], dim=-1)  # (B, N, h/2, w/2, 4C)
+        # The reference concatenates x[..., r::2, c::2, :] in the order (r, c) = (0, 0), (1, 0),
+        # (0, 1), (1, 1): channel block 2c + r. Weights depend on that order. One permuted copy
+        # gives the same tensor; its gradient is one copy back, where four strided slices and a
+        # cat cost four full-size zero fills, four copies and three adds in the backward
+        # (docs/performance.md, "Since then (2026-12-07)").
+        B, N, h, w, C = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"PatchMerge needs an even inner grid, got {h}x{w}")
+        x = x.reshape(B, N, h // 2, 2, w // 2, 2, C)  # (B, N, i, r, j, c, C): row 2i + r, col 2j + c
+        x = x.permute(0, 1, 2, 4, 5, 3, 6).reshape(B, N, h // 2, w // 2, 4 * C)  # (B, N, i, j, [c, r, C])
         return self.reduction(self.norm(x))
 
 

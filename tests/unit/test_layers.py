@@ -37,6 +37,28 @@ def test_patch_merge_order():
     assert y[0, 0, 0, 0].tolist() == [1.0, 0.0, 2.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_merge_is_the_references_concat_bit_for_bit(dtype):
+    """The single permuted copy gives the reference's four-slice concat, values and input
+    gradient, bit for bit (both only move numbers); a strided (non-contiguous) input too."""
+    torch.manual_seed(0)
+    m = PatchMerge(6).to(dtype)
+    base = torch.randn(3, 5, 4, 4, 6, dtype=dtype)
+    for x0 in (base, base.transpose(2, 3).contiguous().transpose(2, 3)):  # the second is strided
+        x = x0.clone().requires_grad_()
+        ref = x0.clone().requires_grad_()
+        cat = torch.cat([ref[..., 0::2, 0::2, :], ref[..., 1::2, 0::2, :],
+                         ref[..., 0::2, 1::2, :], ref[..., 1::2, 1::2, :]], dim=-1)
+        y, y_ref = m(x), m.reduction(m.norm(cat))
+        assert torch.equal(y, y_ref)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        assert torch.equal(x.grad, ref.grad)
+    with pytest.raises(ValueError, match="even inner grid"):
+        m(torch.randn(1, 2, 3, 2, 6, dtype=dtype))
+
+
 def test_patch_split_child_placement():
     s = PatchSplit(3, 5)
     x = torch.randn(2, 7, 2, 2, 3)
