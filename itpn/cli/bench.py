@@ -30,6 +30,8 @@ settings so that every speed-up is a ratio measured in the same run:
              per residual branch (Block.compile; the roofline's --regions branch); not default
     flex_autotune  flex with both FlexAttention kernels (forward and backward block sizes)
              and the GEMMs autotuned (max-autotune-no-cudagraphs); not default
+    teacher  fold + the CLIP teacher's residual blocks compiled too (LayerNorms, residual adds
+             and QuickGELU fused; the trainer's teacher.compile); not default until measured
     fp8      fold + FP8 matmuls (tensorwise scales) in the transformer blocks' linears;
              other numerics, hence not in the default ladder; MFU still against bf16 peak
 
@@ -83,8 +85,17 @@ RECIPES = {
 
 
 def load_recipe(name: str) -> dict:
+    """The recipe with a randomly initialised teacher (speed only) that has the activation the
+    recipe's weights would give it: OpenAI's tags mean QuickGELU, which open_clip runs as
+    three eager kernels where GELU is one (docs/clip_teacher.md, "Compiled teacher")."""
     recipe, overrides = RECIPES[name]
-    return load_config(recipe, [*overrides, "teacher.weights=null"])  # random weights: speed only
+    cfg = load_config(recipe, overrides)
+    t = cfg["teacher"]
+    if cfg["objective"]["kind"] == "clip" and t["weights"]:
+        from ..objectives.clip_teacher import quick_gelu_arch, tag_quick_gelu
+        if tag_quick_gelu(t["arch"], str(t["weights"])):
+            overrides = [*overrides, f"teacher.arch={quick_gelu_arch(t['arch'])}"]
+    return load_config(recipe, [*overrides, "teacher.weights=null"])
 
 
 LADDER = {
@@ -110,6 +121,9 @@ LADDER = {
                        regions="branch"),
     "compile_autotune": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True,
                              compile_options={"mode": "max-autotune-no-cudagraphs"}),
+    # fold + the teacher's residual blocks compiled too (CLIPTeacher.compile_blocks; the
+    # trainer's teacher.compile)
+    "teacher": dict(attn="sdpa", dtype="bf16", fused=True, compile="blocks", fold=True, teacher_compile=True),
 }
 DEFAULT_LADDER = ("naive", "sdpa", "bf16", "fused", "compile", "fold")
 
@@ -225,6 +239,7 @@ class TrainStep:
     def __init__(self, cfg: dict, setting: dict, batch: int, device, batches, ckpt_every: int = 0,
                  zero: str | None = None, ds_precision: str | None = None, deepspeed_loops: bool = False):
         self.dtype = DTYPES[setting["dtype"]]
+        cfg = {**cfg, "teacher": {**cfg["teacher"], "compile": bool(setting.get("teacher_compile"))}}
         self.teacher = build_teacher(cfg, self.dtype, device)
         model = build_objective(cfg, self.teacher)
         apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks",

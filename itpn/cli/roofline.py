@@ -62,7 +62,7 @@ from itpn.layers import Block, attention_impl
 from itpn.layers.block import COMPILE_REGIONS
 from itpn.layers import bias_attention as bias_attention_module
 from itpn.layers import fused_mlp as fused_mlp_module
-from itpn.objectives.clip_teacher import target_width
+from itpn.objectives.clip_teacher import CLIPTeacher, target_width
 
 aten = torch.ops.aten
 GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten.convolution_backward,
@@ -271,7 +271,10 @@ def _attention_grad(ctx, grad):
 _opaque_attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
-def _sdpa_as_opaque(query, key, value, attn_mask=None, dropout_p=0.0, **kw):
+def _sdpa_as_opaque(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    # nn.MultiheadAttention (the CLIP teacher's) passes is_causal positionally
+    if is_causal or scale is not None:
+        raise NotImplementedError("the roofline's attention stand-in takes neither is_causal nor scale")
     return _opaque_attention(query, key, value, attn_mask, dropout_p)
 
 
@@ -554,6 +557,42 @@ def record_step(recipe: str, batch: int, attention: str = "sdpa", mlp: str = "se
     return recorder.rows, {"params": n_params, "block_calls": block_calls, "root": type(model).__name__}
 
 
+def teacher_block_bytes(recipe: str, batch: int) -> dict:
+    """One residual block of the recipe's CLIP teacher (its activation as the recipe's weights
+    give it, bf16, no autograd) at ``batch``: its non-GEMM bytes eager and compiled, its GEMM
+    FLOPs and the number of blocks.
+
+    Eager is the GPU's eager block: every ATen op outside attention one kernel (LayerNorms,
+    residual adds, the activation: QuickGELU is three), as the meta device records them, plus
+    nn.MultiheadAttention's fused path's preparation of q, k and v counted at its least, one
+    read and one write of the (tokens, 3 x width) projection (``_transform_bias_rescale_qkv``;
+    the meta device runs the unfused path, whose copies the GPU's fused path does not make).
+    Compiled is inductor's Triton kernels for an sm90 GPU (``CLIPTeacher.compile_blocks``, the
+    trainer's ``teacher.compile``), attention's preparation and output layout included."""
+    cfg = load_recipe(recipe)
+    if cfg["objective"]["kind"] != "clip":
+        raise ValueError(f"recipe {recipe} has no CLIP teacher")
+    t = cfg["teacher"]
+    teacher = CLIPTeacher(t["arch"], None, image_size=t["image_size"], dtype=torch.bfloat16)
+    block = teacher.tower.transformer.resblocks[0]
+    x = torch.empty(batch, teacher.num_tokens + 1, teacher.width, dtype=torch.bfloat16)
+    meta_block, meta_x = copy.deepcopy(block).to("meta"), x.to("meta")
+    tracker = ModuleTracker()
+    recorder = OpRecorder(tracker)
+    with torch.no_grad(), _attention_context("sdpa", compiled=False), tracker, recorder:
+        meta_block(meta_x)
+    outside = [r for r in recorder.rows if r[2] == "other" and ".attn" not in r[0]]
+    qkv_prep = 2 * x.numel() * 3 * x.element_size()
+    graphs = []
+    with torch.no_grad(), _compiling("sdpa"):
+        block.compile(dynamic=False, backend=cuda_backend(graphs, execute=False))
+        block(x)
+    return {"eager": sum(r[5] for r in outside) + qkv_prep,
+            "compiled": _kernel_bytes([(None, node, n) for graph in graphs for node, n in graph]),
+            "gemm_flops": sum(r[4] for r in recorder.rows if r[2] == "gemm"), "layers": teacher.layers,
+            "arch": teacher.arch, "ops": sorted({r[3] for r in outside})}
+
+
 def in_compiled(module: str, blocks) -> bool:
     """Whether ``module`` is one of ``blocks`` (qualified names) or inside one."""
     return bool(blocks) and any(module == b or module.startswith(b + ".") for b in blocks)
@@ -627,8 +666,21 @@ def main(argv=None) -> None:
     p.add_argument("--kernels", metavar="BLOCK",
                    help="instead of the table: the compiled kernels of one block (e.g. encoder.blocks.0) "
                         "with their bytes per image")
+    p.add_argument("--teacher", action="store_true",
+                   help="instead of the table: the CLIP teacher's non-GEMM bytes per step, eager against its "
+                        "blocks compiled (teacher.compile), inductor's GPU kernels")
     args = p.parse_args(argv)
     peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12
+    if args.teacher:
+        b = teacher_block_bytes(args.recipe, args.batch)
+        n, gemm_ms = b["layers"], 1e3 * b["layers"] * b["gemm_flops"] / peak
+        print(f"teacher {b['arch']} at batch {args.batch}, {n} blocks (bf16, no autograd); GEMMs {gemm_ms:.1f} ms at "
+              f"{args.peak:g} TFLOP/s; eager non-GEMM ops outside attention: {', '.join(b['ops'])}")
+        for kind in ("eager", "compiled"):
+            gb = n * b[kind] / 1e9
+            print(f"  blocks {kind:8s} non-GEMM {gb:6.1f} GB {1e3 * gb * 1e9 / bandwidth:6.1f} ms at "
+                  f"{args.bandwidth:g} TB/s ({b[kind] / args.batch / 1e6:.2f} MB per image and block)")
+        return
     rows, info = record_step(args.recipe, args.batch, args.attention, args.mlp)
     if args.kernels:
         print_block_kernels(info, args)

@@ -54,6 +54,8 @@ def build_teacher(cfg: dict, dtype: torch.dtype, device) -> nn.Module | None:
     teacher = CLIPTeacher(t["arch"], t["weights"], image_size=t["image_size"], dtype=dtype, device=device)
     bcfg = backbone_config(cfg)
     teacher.check_grid(bcfg.grid, bcfg.img_size, bcfg.patch_size)
+    if t.get("compile"):
+        teacher.compile_blocks(dynamic=False)
     return teacher
 
 

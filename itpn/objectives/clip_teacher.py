@@ -219,6 +219,27 @@ def target_width(arch: str) -> int:
     return int(_resolve_arch(arch)[1]["embed_dim"])
 
 
+def quick_gelu_arch(arch: str) -> str:
+    """The name under which ``arch`` builds with QuickGELU: itself if its config says so, else
+    open_clip's "-quickgelu" variant, registered here (a copy of the config with the flag set)
+    where open_clip has none."""
+    name, cfg = _resolve_arch(arch)
+    if cfg.get("quick_gelu", False):
+        return name
+    variant = f"{name}-quickgelu"
+    if open_clip.get_model_config(variant) is None:
+        register_model_config(variant, {**cfg, "quick_gelu": True})
+    return variant
+
+
+def tag_quick_gelu(arch: str, tag: str) -> bool:
+    """Whether the weights of open_clip's pretrained ``tag`` of ``arch`` were trained with
+    QuickGELU (nothing is downloaded). open_clip < 3 has no quick_gelu flag on its tags (its
+    create_model special-cased "openai"), so the OpenAI tag is QuickGELU by name as well."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    return bool(cfg.get("quick_gelu", False)) or tag.lower() == "openai"
+
+
 def _resolve_weights(arch: str, weights: str | None, cache_dir: str | None) -> _Source:
     if weights is None:
         return _Source("random")
@@ -243,10 +264,7 @@ def _resolve_weights(arch: str, weights: str | None, cache_dir: str | None) -> _
             "HF_HUB_OFFLINE=1") from e
     if not path:
         raise RuntimeError(f"open_clip returned no file for {arch}:{weights}")
-    # open_clip < 3 has no quick_gelu flag on its tags (its create_model special-cased
-    # "openai"), so the OpenAI tag is QuickGELU by name as well.
-    quick_gelu = bool(cfg.get("quick_gelu", False)) or weights.lower() == "openai"
-    return _Source("tag", path, quick_gelu=quick_gelu,
+    return _Source("tag", path, quick_gelu=tag_quick_gelu(arch, weights),
                    mean=tuple(cfg["mean"]) if "mean" in cfg else None,
                    std=tuple(cfg["std"]) if "std" in cfg else None)
 
@@ -449,6 +467,15 @@ class CLIPTeacher(nn.Module):
         return (f"arch={self.arch}, weights={self.weights}, image_size={self._image_size}, "
                 f"grid={self._grid}x{self._grid}, embed_dim={self.embed_dim}, "
                 f"quick_gelu={self.quick_gelu}, dtype={self.dtype}, frozen")
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each of the tower's residual blocks (regional, as the student's blocks;
+        ``kwargs`` go to ``nn.Module.compile``). One graph per block, no break (inside
+        ``forward``: no autograd, no autocast, eval mode), shared by the blocks, which have one
+        shape: LayerNorms, residual adds and the (Quick)GELU fuse into Triton kernels around
+        the GEMMs, and attention runs SDPA (docs/clip_teacher.md, "Compiled teacher")."""
+        for blk in self.tower.transformer.resblocks:
+            blk.compile(**kwargs)
 
     # -- forward -------------------------------------------------------------------------------
     def _check_input(self, images: torch.Tensor) -> None:

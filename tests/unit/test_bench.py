@@ -264,3 +264,22 @@ def test_optimizer_steps_and_zero1_backward_issue_no_operation_per_parameter():
     assert re.search(loops + reduction + "$", ours["loops"][0]), ours["loops"]
     assert re.search(loops + "$", ours["loops"][1]), ours["loops"]
     assert deepspeeds["loops"] == []
+
+
+def test_bench_teacher_has_the_recipes_activation_and_the_teacher_setting_compiles_it():
+    """Random weights, but the activation the recipe's weights bring (OpenAI's tags: QuickGELU,
+    three eager kernels where GELU is one); the `teacher` setting compiles its blocks."""
+    assert bench.load_recipe("clip_l")["teacher"]["arch"] == "ViT-L-14-quickgelu"
+    assert bench.load_recipe("clip_b")["teacher"]["arch"] == "ViT-B-16-quickgelu"
+    assert bench.load_recipe("clip_l")["teacher"]["weights"] is None
+    assert bench.load_recipe("tiny")["teacher"]["arch"] == "itpn-demo-tiny-clip"  # random weights already
+    cfg, device = bench.load_recipe("tiny"), torch.device("cpu")
+    fixed = bench.make_batch(cfg, 2, device)
+    torch._dynamo.reset()
+    for name, compiled in (("fold", False), ("teacher", True)):
+        step = bench.TrainStep(cfg, bench.LADDER[name], 2, device, iter(lambda: fixed, None))
+        blocks = step.teacher.tower.transformer.resblocks
+        assert all((b._compiled_call_impl is not None) == compiled for b in blocks)
+        targets = step.teacher_fwd()
+        assert targets.shape == (2, fixed[1].shape[1], step.teacher.embed_dim) and torch.isfinite(targets).all()
+    torch._dynamo.reset()

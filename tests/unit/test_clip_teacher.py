@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from itpn.objectives.clip_teacher import (TINY_ARCH, CLIPTeacher, build_clip_teacher, load_clip_state_dict,
-                                          register_model_config, register_tiny_config, resize_pos_embed)
+                                          quick_gelu_arch, register_model_config, register_tiny_config,
+                                          resize_pos_embed, tag_quick_gelu)
 
 # The fixture writes the OpenAI-style archive with torch.jit.script, deprecated in torch 2.14
 # but the only way to produce the format real OpenAI weights come in.
@@ -208,6 +209,37 @@ def test_tag_decides_quickgelu(ckpt, images, monkeypatch, tag, flags):
     assert t.quick_gelu and _acts(t) == {QuickGELU}
     assert t.mean == (0.5, 0.5, 0.5) and t.std == (0.25, 0.25, 0.25)
     assert torch.equal(t(images), CLIPTeacher(ARCH, ckpt["openai"], dtype=torch.float32)(images))
+
+
+def test_quick_gelu_of_tags_and_archs(ckpt):
+    """What the benchmark uses to give its random teacher the recipe's activation: OpenAI's tags
+    are QuickGELU, LAION's GELU; an arch's QuickGELU name is open_clip's or one registered."""
+    assert tag_quick_gelu("ViT-L-14", "openai") and tag_quick_gelu("ViT-B-16", "openai")
+    assert not tag_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")
+    assert quick_gelu_arch("ViT-L-14") == "ViT-L-14-quickgelu" and quick_gelu_arch("ViT-L/14") == "ViT-L-14-quickgelu"
+    assert quick_gelu_arch(ARCH_QG) == ARCH_QG
+    name = quick_gelu_arch(TINY_ARCH)  # no such variant in open_clip: registered here
+    assert name == f"{TINY_ARCH}-quickgelu"
+    assert _acts(CLIPTeacher(name, None, dtype=torch.float32)) == {QuickGELU}
+    assert _acts(CLIPTeacher(TINY_ARCH, None, dtype=torch.float32)) == {nn.GELU}
+
+
+@pytest.mark.parametrize("arch", [ARCH, ARCH_QG])
+def test_compiled_blocks_give_the_eager_targets(ckpt, images, arch):
+    """CLIPTeacher.compile_blocks (the trainer's teacher.compile): each residual block one graph
+    without a break, the targets those of the eager tower (fp32, CPU inductor)."""
+    eager = CLIPTeacher(arch, ckpt["pt"], dtype=torch.float32)
+    compiled = CLIPTeacher(arch, ckpt["pt"], dtype=torch.float32)
+    blk = compiled.tower.transformer.resblocks[0]
+    x = eager.forward_features(images)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(blk)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    compiled.compile_blocks(dynamic=False)
+    assert all(b._compiled_call_impl is not None for b in compiled.tower.transformer.resblocks)
+    torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
 
 
 def test_frozen_and_out_of_the_owners_state(ckpt, images):

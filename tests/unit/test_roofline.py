@@ -11,6 +11,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from itpn.cli.bench import load_recipe, make_batch
 from itpn.cli.roofline import (NodeTagger, OpRecorder, _signature, block_kernels, compiled_block_bytes,
+                                teacher_block_bytes,
                                efficient_attention, fused_mlp_everywhere, main, record_step, summarise, touched_bytes,
                                triton_attention, whole_objective_bytes)
 from itpn.engine.build import build_objective
@@ -276,3 +277,26 @@ def test_a_region_per_residual_branch_moves_fewer_bytes_at_itpn_l_shapes():
         one = _compiled_nodes(cpu_block, args, 16, "cuda")
         two = _compiled_nodes(cpu_block, args, 16, "cuda", regions="branch")
     assert _kernel_bytes(two) < _kernel_bytes(one)
+
+
+def test_teacher_block_bytes_eager_is_the_hand_count_and_compiling_moves_fewer():
+    """The tiny recipe's teacher block (GELU, width W, hidden 4W, M = batch x tokens), bf16:
+    eager = LN1 (read x, write, its weight and bias, its statistics) + residual add (two reads, a write) + LN2
+    + GELU (read and write the hidden activation) + residual add + the fused attention path's
+    q/k/v preparation (read and write the 3W projection). Compiling fuses QuickGELU's three
+    kernels (CLIP-B/16 with OpenAI's activation)."""
+    b = teacher_block_bytes("tiny", 4)
+    cfg = load_recipe("tiny")
+    from itpn.objectives.clip_teacher import CLIPTeacher
+    t = CLIPTeacher(cfg["teacher"]["arch"], None, image_size=cfg["teacher"]["image_size"], dtype=torch.bfloat16)
+    M, W = 4 * (t.num_tokens + 1), t.width
+    ln = 2 * (2 * M * W + 2 * W) + 2 * M * 4  # bf16 in, out, weight, bias; fp32 mean and rstd
+    hand = ln + 2 * 3 * M * W + ln + 2 * 2 * M * 4 * W + 2 * 3 * M * W + 2 * 6 * M * W
+    assert b["ops"] == ["aten.add", "aten.gelu", "aten.native_layer_norm"]
+    assert b["eager"] == hand and b["layers"] == t.layers and b["compiled"] > 0
+    # CLIP-B/16 as the clip_b recipe's OpenAI weights make it: QuickGELU, three eager kernels,
+    # which the compiled block fuses into one
+    b = teacher_block_bytes("clip_b", 2)
+    assert b["arch"] == "ViT-B-16-quickgelu" and b["layers"] == 12
+    assert b["ops"] == ["aten.add", "aten.mul", "aten.native_layer_norm", "aten.sigmoid"]
+    assert b["compiled"] < 0.7 * b["eager"]
