@@ -12,6 +12,8 @@
 #                                     own methods (--deepspeed-loops), the DeepSpeed GPU
 #                                     tests, zero0 + bf16_autocast, the ZeRO-1 step's kernel profile (second, third, fourth: what
 #                                     that day's leases ran, kept for their commands)
+#   benchmarks/gpu_suite.sh teacher   after `fifth` (~6 minutes): the teacher's blocks compiled against eager
+#                                     (QuickGELU, as OpenAI's weights run it), CLIP-L and CLIP-B
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
 #                                     blocks vs eager, no host sync in the step; the attention
 #                                     microbenchmark (bias-gradient cost, cuDNN backend)
@@ -66,7 +68,7 @@ gpu_tests() {
   grep -E "(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -60 || true
 }
 
-case "${1:?part: first | second | third | fourth | fifth | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
+case "${1:?part: first | second | third | fourth | fifth | teacher | check | clip_l | memory | memory_ckpt | offload24 | loader | clip_b | pixel_l | infer | autotune | regions}" in
   first)  # one short lease (one call of <= 10 minutes): the headline numbers first. Each command has
     # its own time limit, so that one that hangs or compiles too long leaves time to the next; the
     # benchmark writes every row to bench.jsonl as it is measured and goes on past a failing setting.
@@ -108,6 +110,10 @@ case "${1:?part: first | second | third | fourth | fifth | check | clip_l | memo
       --check-syncs
     limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 \
       --profile "$OUT/profile_clip_l_zero1.txt" ;;
+  teacher)  # 2026-12-07: CLIPTeacher.compile_blocks (teacher.compile) against the eager teacher, with the
+    # QuickGELU activation of the recipes' OpenAI weights (run(carry=[".whl"], timeout_s=400, ...))
+    limited 190 bench --recipe clip_l --batch 128 --steps 10 --ladder fold teacher
+    limited 190 bench --recipe clip_b --batch 256 --steps 10 --ladder fold teacher ;;
   check)
     gpu_tests 540
     "$PY" benchmarks/bench_attention.py ;;
