@@ -62,7 +62,7 @@ from itpn.layers import Block, attention_impl
 from itpn.layers.block import COMPILE_REGIONS
 from itpn.layers import bias_attention as bias_attention_module
 from itpn.layers import fused_mlp as fused_mlp_module
-from itpn.objectives.clip_teacher import CLIPTeacher, target_width
+from itpn.objectives.clip_teacher import CLIPTeacher, target_width, teacher_forward_flops
 
 aten = torch.ops.aten
 GEMMS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten.convolution_backward,
@@ -641,6 +641,28 @@ def print_block_kernels(info: dict, args) -> None:
               f"reductions {by_kind['reduction'] / 1e6:.3f})")
 
 
+def print_ceilings(args, student_ms: float, opt_ms: float, student_flops: float, peak: float,
+                   teacher_traffic: dict) -> list[tuple[str, float, float]]:
+    """The step at every bound: the student's bounds, the CLIP teacher's forward at the peak
+    (its GEMMs and attention), the optimizer; then (``--teacher``) with the teacher blocks'
+    non-GEMM traffic, eager and compiled. Prints and returns (label, ms, img/s) rows; MFU
+    counts the student's and the teacher's FLOPs against ``peak``."""
+    cfg = load_recipe(args.recipe)
+    teacher_flops = 0.0
+    if cfg["objective"]["kind"] == "clip":
+        teacher_flops = teacher_forward_flops(cfg["teacher"]["arch"], cfg["teacher"]["image_size"]) * args.batch
+    base = student_ms + 1e3 * teacher_flops / peak + opt_ms
+    rows = [("teacher GEMMs at the peak", base)] + [
+        (f"+ the teacher's other traffic, {kind}", base + ms) for kind, ms in teacher_traffic.items()]
+    out = []
+    for label, ms in rows:
+        img_s = args.batch / (ms / 1e3)
+        mfu = 100 * (student_flops + teacher_flops) / (ms / 1e3) / peak
+        print(f"step at the bounds, {label}: {ms:.1f} ms -> {img_s:,.0f} img/s, {mfu:.1f}% MFU")
+        out.append((label, ms, img_s))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="clip_l")
@@ -667,10 +689,11 @@ def main(argv=None) -> None:
                    help="instead of the table: the compiled kernels of one block (e.g. encoder.blocks.0) "
                         "with their bytes per image")
     p.add_argument("--teacher", action="store_true",
-                   help="instead of the table: the CLIP teacher's non-GEMM bytes per step, eager against its "
-                        "blocks compiled (teacher.compile), inductor's GPU kernels")
+                   help="also count the CLIP teacher's non-GEMM bytes per step, eager against its blocks "
+                        "compiled (teacher.compile, inductor's GPU kernels), and the step's ceilings with them")
     args = p.parse_args(argv)
     peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12
+    teacher_traffic = {}  # "eager" / "compiled" -> ms of the teacher blocks' non-GEMM traffic
     if args.teacher:
         b = teacher_block_bytes(args.recipe, args.batch)
         n, gemm_ms = b["layers"], 1e3 * b["layers"] * b["gemm_flops"] / peak
@@ -678,9 +701,9 @@ def main(argv=None) -> None:
               f"{args.peak:g} TFLOP/s; eager non-GEMM ops outside attention: {', '.join(b['ops'])}")
         for kind in ("eager", "compiled"):
             gb = n * b[kind] / 1e9
-            print(f"  blocks {kind:8s} non-GEMM {gb:6.1f} GB {1e3 * gb * 1e9 / bandwidth:6.1f} ms at "
+            teacher_traffic[kind] = 1e3 * gb * 1e9 / bandwidth
+            print(f"  blocks {kind:8s} non-GEMM {gb:6.1f} GB {teacher_traffic[kind]:6.1f} ms at "
                   f"{args.bandwidth:g} TB/s ({b[kind] / args.batch / 1e6:.2f} MB per image and block)")
-        return
     rows, info = record_step(args.recipe, args.batch, args.attention, args.mlp)
     if args.kernels:
         print_block_kernels(info, args)
@@ -738,8 +761,10 @@ def main(argv=None) -> None:
     # Optimizer under DeepSpeed bf16 ZeRO-1 on one GPU: fp32 master, m, v read and written,
     # the fp32 gradient read, the bf16 weights written.
     opt_bytes = info["params"] * (3 * 4 * 2 + 4 + 2)
+    opt_ms = 1e3 * opt_bytes / bandwidth
     print(f"optimizer (fused AdamW, fp32 state, {info['params'] / 1e6:.1f} M parameters): "
-          f"{opt_bytes / 1e9:.1f} GB, {1e3 * opt_bytes / bandwidth:.1f} ms")
+          f"{opt_bytes / 1e9:.1f} GB, {opt_ms:.1f} ms")
+    print_ceilings(args, total, opt_ms, sum(r[4] for r in rows), peak, teacher_traffic)
     others = defaultdict(lambda: [0.0, 0.0, 0])
     for module, phase, kind, op, flops, nbytes in rows:
         if kind == "other" and not in_compiled(module, compiled):

@@ -219,6 +219,16 @@ def target_width(arch: str) -> int:
     return int(_resolve_arch(arch)[1]["embed_dim"])
 
 
+def teacher_forward_flops(arch: str, image_size: int) -> float:
+    """Forward FLOPs per image of an open_clip arch's vision tower at ``image_size`` (plus its
+    projection), from its config alone (``vit_forward_flops``: what ``CLIPTeacher`` runs)."""
+    from ..models.flops import vit_forward_flops
+    _, cfg = _resolve_arch(arch)
+    v = cfg["vision_cfg"]
+    return vit_forward_flops(int(v["width"]), int(v["layers"]), int(v["patch_size"]), int(image_size),
+                             int(cfg["embed_dim"]))
+
+
 def quick_gelu_arch(arch: str) -> str:
     """The name under which ``arch`` builds with QuickGELU: itself if its config says so, else
     open_clip's "-quickgelu" variant, registered here (a copy of the config with the flag set)

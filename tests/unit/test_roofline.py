@@ -163,6 +163,26 @@ def test_cli_prints_the_table(capsys):
     main(["--recipe", "tiny", "--batch", "2", "--top", "3"])
     out = capsys.readouterr().out
     assert "encoder.blocks" in out and "student, all" in out and "optimizer" in out
+    assert "step at the bounds, teacher GEMMs at the peak" in out
+
+
+def test_ceilings_add_the_teacher_forward_and_its_traffic():
+    """The step's ceiling: student + the teacher's forward FLOPs at the peak (from its config,
+    the same count as the built tower's) + optimizer, then + each teacher traffic."""
+    import argparse
+
+    from itpn.cli.bench import teacher_flops
+    from itpn.cli.roofline import print_ceilings
+    from itpn.objectives.clip_teacher import CLIPTeacher, teacher_forward_flops
+    cfg = load_recipe("tiny")
+    t = CLIPTeacher(cfg["teacher"]["arch"], None, image_size=cfg["teacher"]["image_size"])
+    assert teacher_forward_flops(cfg["teacher"]["arch"], cfg["teacher"]["image_size"]) == teacher_flops(t) > 0
+    peak = 1e12
+    rows = print_ceilings(argparse.Namespace(recipe="tiny", batch=8), 10.0, 1.0, 5e9, peak,
+                          {"eager": 4.0, "compiled": 2.0})
+    base = 11.0 + 1e3 * 8 * teacher_flops(t) / peak
+    assert [ms for _, ms, _ in rows] == pytest.approx([base, base + 4.0, base + 2.0])
+    assert all(img_s == pytest.approx(8 / (ms / 1e3)) for _, ms, img_s in rows)
 
 
 def test_cuda_codegen_counts_the_triton_kernels_inductor_writes_for_an_sm90_gpu():
