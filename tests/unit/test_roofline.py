@@ -2,6 +2,8 @@
 backward is attributed to, FLOPs that agree with the counter the benchmark uses, and
 compiled blocks counted as moving fewer bytes than their eager ops."""
 
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,14 +11,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
-from itpn.cli.bench import load_recipe, make_batch
+from itpn.cli.bench import load_recipe, make_batch, teacher_flops
 from itpn.cli.roofline import (NodeTagger, OpRecorder, _signature, block_kernels, compiled_block_bytes,
-                                teacher_block_bytes,
-                               efficient_attention, fused_mlp_everywhere, main, record_step, summarise, touched_bytes,
-                               triton_attention, whole_objective_bytes)
+                               efficient_attention, fused_mlp_everywhere, main, print_ceilings, record_step, summarise,
+                               teacher_block_bytes, touched_bytes, triton_attention, whole_objective_bytes)
 from itpn.engine.build import build_objective
 from itpn.layers import Block, attention_impl, relative_position_index
-from itpn.objectives.clip_teacher import target_width
+from itpn.objectives.clip_teacher import CLIPTeacher, target_width, teacher_forward_flops
 
 
 def _record(model, *inputs):
@@ -169,11 +170,6 @@ def test_cli_prints_the_table(capsys):
 def test_ceilings_add_the_teacher_forward_and_its_traffic():
     """The step's ceiling: student + the teacher's forward FLOPs at the peak (from its config,
     the same count as the built tower's) + optimizer, then + each teacher traffic."""
-    import argparse
-
-    from itpn.cli.bench import teacher_flops
-    from itpn.cli.roofline import print_ceilings
-    from itpn.objectives.clip_teacher import CLIPTeacher, teacher_forward_flops
     cfg = load_recipe("tiny")
     t = CLIPTeacher(cfg["teacher"]["arch"], None, image_size=cfg["teacher"]["image_size"])
     assert teacher_forward_flops(cfg["teacher"]["arch"], cfg["teacher"]["image_size"]) == teacher_flops(t) > 0
@@ -307,7 +303,6 @@ def test_teacher_block_bytes_eager_is_the_hand_count_and_compiling_moves_fewer()
     kernels (CLIP-B/16 with OpenAI's activation)."""
     b = teacher_block_bytes("tiny", 4)
     cfg = load_recipe("tiny")
-    from itpn.objectives.clip_teacher import CLIPTeacher
     t = CLIPTeacher(cfg["teacher"]["arch"], None, image_size=cfg["teacher"]["image_size"], dtype=torch.bfloat16)
     M, W = 4 * (t.num_tokens + 1), t.width
     ln = 2 * (2 * M * W + 2 * W) + 2 * M * 4  # bf16 in, out, weight, bias; fp32 mean and rstd
