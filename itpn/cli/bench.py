@@ -64,7 +64,7 @@ import torch
 
 from ..layers import attention_impl
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
-                            pretrain_loader, register_fused_mlp_params)
+                            pretrain_loader)
 from ..engine.config import DTYPES, PRECISION_FRAGMENTS, load_config
 from ..engine.host_sync import foreach_clip_grad_norm_
 from ..models.flops import count_train_flops, vit_forward_flops
@@ -245,8 +245,6 @@ class TrainStep:
         apply_block_options(model, ckpt_every, ckpt_every > 0, setting["compile"] == "blocks",
                             setting.get("compile_options"), setting["fold"], setting.get("fp8", False),
                             setting.get("mlp", False), setting.get("regions", "block"))
-        if zero and zero.startswith("zero3") and setting.get("mlp"):
-            register_fused_mlp_params(model)
         if setting["compile"] == "model":
             compile_whole(model, self.teacher)
         self.pixel = cfg["objective"]["kind"] == "pixel"

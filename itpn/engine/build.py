@@ -128,21 +128,22 @@ def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, 
     return n
 
 
-def register_fused_mlp_params(module: nn.Module) -> int:
-    """Under ZeRO-3, a module's parameters are gathered around its own forward; the fused MLP
-    path reads fc1's and fc2's parameters in the Mlp's forward instead of theirs, so they are
-    registered as the Mlp's external parameters (gathered around its forward and backward).
-    Returns how many Mlp modules were registered."""
-    import deepspeed
+def zero3_gather_per_block(module: nn.Module) -> int:
+    """Make every block a ZeRO-3 "leaf" (``deepspeed.utils.set_z3_leaf_modules``): DeepSpeed
+    then gathers a block's parameters in one hook around the block's forward and backward,
+    instead of a hook around each of its submodules (norms, Linears, attention, MLP, drop
+    path). A compiled block's region contains those submodules' calls, so without this dynamo
+    traces DeepSpeed's hooks: on 2 CPU ranks the demo's ZeRO-3 run made 40 graphs with 270
+    graph breaks where ZeRO-2 makes 7 with none, and took 58 s instead of 10 for 4 steps
+    (``test_deepspeed.py``, stage ``3compile``). Eager blocks run fewer hooks too: iTPN-L's
+    CLIP-MFM objective has 94 hooked modules instead of 568. Call before
+    ``deepspeed.initialize``, which installs the hooks. Returns how many blocks were marked."""
+    from deepspeed.utils import set_z3_leaf_modules
 
-    from ..layers import Mlp
-    n = 0
-    for m in module.modules():
-        if isinstance(m, Mlp) and m.fused:
-            for p in (*m.fc1.parameters(), *m.fc2.parameters()):
-                deepspeed.zero.register_external_parameter(m, p)
-            n += 1
-    return n
+    from ..layers import Block
+    if not any(isinstance(m, Block) for m in module.modules()):
+        return 0
+    return len(set_z3_leaf_modules(module, [Block]))
 
 
 def compile_whole(objective: nn.Module, teacher: nn.Module | None = None, options: dict | None = None) -> None:

@@ -29,7 +29,7 @@ from ..layers.block import compiled_blocks, misaligned_compiled_parameters, misa
 from ..models.flops import count_train_flops, vit_forward_flops
 from ..objectives.ema import momentum_schedule
 from .build import (apply_block_options, backbone_config, build_classifier, build_objective, build_teacher,
-                    build_val_loader, finetune_augment, pretrain_loader, register_fused_mlp_params)
+                    build_val_loader, finetune_augment, pretrain_loader, zero3_gather_per_block)
 from .checkpoint import CheckpointManager, atomic_torch_save
 from .config import DTYPES, ConfigError, autocast_weights, deepspeed_config, precision, write_run_config
 from .faults import maybe_die, maybe_inf_grad
@@ -264,6 +264,8 @@ def _log_step(engine, state: TrainState, sums: dict, n: int, values: dict, metri
 
 def _engine(module, cfg, ds_cfg, optimizer):
     import deepspeed
+    if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        zero3_gather_per_block(module)  # one gathering hook per block, outside its compiled region
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
     sync_free_clipping(engine.optimizer)  # no host read of the gradient norm in the step
     sync_free_norm_masking()  # and no host-to-device copy in computing it
@@ -284,10 +286,6 @@ def _engine(module, cfg, ds_cfg, optimizer):
             f"{'as ZeRO-3 gathers them for the forward' if stage3 else 'after DeepSpeed initialisation'} "
             f"(first: {', '.join(misaligned[:3])}); the compiled kernels would fail on the GPU with "
             f"'misaligned address'. Fix: {fix}; or set deepspeed.compile=false")
-    if cfg["deepspeed"]["compile"] and stage3:
-        log.warning("compiled blocks under ZeRO-3: dynamo traces DeepSpeed's parameter-gathering hooks of every "
-                    "submodule (graph breaks, one compile per submodule type). Correct (tested on CPU), but the "
-                    "measured configurations are ZeRO-1/2 with compiled blocks")
     return engine
 
 
@@ -449,10 +447,10 @@ def _report_attention(model: torch.nn.Module, cfg: dict, device, dtype: torch.dt
                        "fall back to SDPA", "deepspeed.attention=triton: every attention module runs bias_attention")
 
 
-def _block_options(model: torch.nn.Module, cfg: dict, ds_cfg: dict, device, dtype: torch.dtype) -> int:
+def _block_options(model: torch.nn.Module, cfg: dict, device, dtype: torch.dtype) -> int:
     """apply_block_options with the run's settings. With deepspeed.fused_mlp, names the MLPs
-    that run the separate kernels instead and why, and under ZeRO-3 registers the fused MLPs'
-    parameters with DeepSpeed (``register_fused_mlp_params``). Returns the checkpointed blocks."""
+    that run the separate kernels instead and why (under ZeRO-3 a fused MLP's parameters are
+    gathered with its block's, ``zero3_gather_per_block``). Returns the checkpointed blocks."""
     from ..layers import Mlp
     ds = cfg["deepspeed"]
     n_ckpt = apply_block_options(model, ds["checkpoint_every"], ds["activation_checkpointing"], ds["compile"],
@@ -463,8 +461,6 @@ def _block_options(model: torch.nn.Module, cfg: dict, ds_cfg: dict, device, dtyp
     fallbacks = [f"{name}: {reason}" for name, m in mlps if (reason := m.fused_reason(device, dtype)) is not None]
     _log_fallbacks(fallbacks, f"deepspeed.fused_mlp: %d of {len(mlps)} MLPs run the separate kernels",
                    f"deepspeed.fused_mlp: all {len(mlps)} MLPs run fused_mlp")
-    if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        register_fused_mlp_params(model)
     return n_ckpt
 
 
@@ -484,7 +480,7 @@ def run_pretrain(cfg: dict) -> TrainState:
     objective = build_objective(cfg, teacher)
     _report_attention(objective, cfg, device, dtype)
     seed_everything(cfg["seed"] + rank)
-    n_ckpt = _block_options(objective, cfg, ds_cfg, device, dtype)
+    n_ckpt = _block_options(objective, cfg, device, dtype)
     n_params = sum(p.numel() for p in objective.parameters())
     optimizer = _optimizer(param_groups(objective, cfg["optim"]["weight_decay"]), cfg, device, ds_cfg)
     engine = _engine(objective, cfg, ds_cfg, optimizer)
@@ -676,7 +672,7 @@ def run_finetune(cfg: dict, linprobe: bool = False) -> TrainState:
         model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.embed_dim, affine=False), head)
         groups = param_groups(model, 0.0)
     else:
-        _block_options(model, cfg, ds_cfg, device, dtype)
+        _block_options(model, cfg, device, dtype)
         groups = param_groups(model, cfg["optim"]["weight_decay"], cfg["optim"]["layer_decay"])
     optimizer = _optimizer(groups, cfg, device, ds_cfg, lars=linprobe)
     engine = _engine(model, cfg, ds_cfg, optimizer)

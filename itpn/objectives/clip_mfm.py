@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import AUX_LN_EPS, LN_EPS, Block, tokens_to_map
+from ..layers import AUX_LN_EPS, LN_EPS, Block
 from ..models.hivit import HiViT, HiViTConfig, init_weights
 from ..models.pyramid import FeaturePyramid, LevelProjection
 
@@ -60,9 +60,10 @@ class ClipMFM(nn.Module):
     def forward_student(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | list]:
         """x (B, 3, H, W); mask (B, N) bool, True = masked.
 
-        Returns "pyramid" [P16, P8, P4] maps (B, F, H/s, W/s), "pyramid_tokens" the same
-        levels as (B, N, h, w, F), "mfm" and "aux" predictions (B, N, teacher_dim) and
-        "aux_tokens" (B, N, C).
+        Returns "pyramid_tokens" [P16, P8, P4] as (B, N, h, w, F) tokens, "mfm" and "aux"
+        predictions (B, N, teacher_dim) and "aux_tokens" (B, N, C). The loss needs no
+        (B, F, H/s, W/s) maps of the pyramid, so none is built (a copy per level, 0.27 GB
+        held per iTPN-L step at batch 128); `tokens_to_map(p, grid)` makes one.
         """
         enc = self.encoder
         t, grid = enc.embed(x)
@@ -84,7 +85,6 @@ class ClipMFM(nn.Module):
         pyramid = self.pyramid(s3, feats)
         fused = sum(self.level_proj(pyramid))  # (B, N, C)
         return {
-            "pyramid": [tokens_to_map(p, grid) for p in pyramid],
             "pyramid_tokens": pyramid,
             "mfm": self.mfm_head(self.head_norm(fused)),
             "aux": self.aux_head(self.aux_norm(aux)),

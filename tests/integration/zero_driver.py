@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.engine.config import deepspeed_config, load_config
@@ -39,8 +40,10 @@ shm = {"left": os.path.exists(shm_buffer_path(rank)), "sum": summed.tolist(),
 shm_by_rank = [None] * world
 dist.all_gather_object(shm_by_rank, shm)
 GLOBAL = 4
-results = {}
+results, dynamo = {}, {}
 for stage in args.stages:
+    torch._dynamo.reset()  # each compiled stage traces and compiles its blocks afresh
+    counters.clear()
     pixel = ["objective.kind=pixel", "objective.mfm_weight=0.3", "objective.decoder_dim=64",
              "objective.decoder_depth=1", "objective.decoder_heads=4"] if stage.endswith("ema") else []
     zero = "zero3_offload" if stage.endswith("offload") else f"zero{stage[0]}"
@@ -86,7 +89,10 @@ for stage in args.stages:
     if pixel:  # a fingerprint of the EMA weights after the last update
         losses.append(sum(p.double().square().sum().item() for p in objective.ema.module.parameters()))
     results[stage] = losses
+    if stage.endswith("compile"):  # what dynamo made of the compiled blocks in this stage
+        dynamo[stage] = {"graphs": counters["stats"]["unique_graphs"],
+                         "graph_breaks": sum(counters["graph_break"].values())}
     del engine
 if rank == 0:
     with open(args.out, "w") as f:
-        json.dump({"world": world, "losses": results, "shm": shm_by_rank}, f)
+        json.dump({"world": world, "losses": results, "dynamo": dynamo, "shm": shm_by_rank}, f)

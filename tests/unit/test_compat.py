@@ -28,7 +28,8 @@ def test_clip_distill_fixture(fixtures_dir):
         out = m(d["x"], d["bool_masked_pos"])
     for ours, ref in zip(out["pyramid_tokens"], d["pyramid"]):
         assert rel_err(ours, ref) < 1e-5
-    assert [tuple(p.shape) for p in out["pyramid"]] == [(2, 32, 4, 4), (2, 32, 8, 8), (2, 32, 16, 16)]
+    assert [tuple(p.shape) for p in out["pyramid_tokens"]] == [(2, 16, 1, 1, 32), (2, 16, 2, 2, 32),
+                                                              (2, 16, 4, 4, 32)]
     assert rel_err(out["aux_tokens"], d["aux_tokens"]) < 1e-5
     assert rel_err(out["mfm"], d["mfm_pred"]) < 1e-5
     assert rel_err(out["aux"], d["aux_pred"]) < 1e-5

@@ -191,7 +191,7 @@ def test_the_trainer_compiles_branch_regions_when_asked(tmp_path):
     torch.manual_seed(0)
     model = ClipMFM(HiViTConfig(img_size=64, embed_dim=64, depths=(1, 1, 3), num_heads=2, rpe=True),
                     teacher_dim=24, fpn_dim=32, fpn_depth=1)
-    _block_options(model, cfg, {}, torch.device("cpu"), torch.float32)
+    _block_options(model, cfg, torch.device("cpu"), torch.float32)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     assert all(b._compiled_forward is not None for b in blocks)
     assert any(b.has_attn for b in blocks) and not all(b.has_attn for b in blocks)

@@ -63,22 +63,28 @@ def test_mlp_runs_the_separate_kernels_where_the_fused_ones_cannot():
     assert mlp.fused_reason("cuda", torch.bfloat16) == "FP8 linears"
 
 
-def test_engine_switches_every_mlp_and_registers_its_parameters_for_zero3():
+def test_engine_switches_every_mlp_and_zero3_gathers_it_with_its_block():
     """apply_block_options sets Mlp.fused on every MLP of the model (transformer blocks, C-MLP
-    blocks, pyramid); register_fused_mlp_params hands fc1's and fc2's parameters to DeepSpeed
-    as the Mlp's external parameters, which ZeRO-3 gathers around the Mlp's forward."""
-    from itpn.engine.build import apply_block_options, build_objective, register_fused_mlp_params
+    blocks, pyramid). The fused path reads fc1's and fc2's parameters in the Mlp's forward, not
+    theirs; under ZeRO-3 they are gathered because every MLP sits inside a block that
+    zero3_gather_per_block makes one gathering unit (DeepSpeed's leaf), which installs no hook
+    below it."""
+    from deepspeed.utils import z3_leaf_module
+
+    from itpn.engine.build import apply_block_options, build_objective, zero3_gather_per_block
     from itpn.engine.config import load_config
+    from itpn.layers import Block
     cfg = load_config("demo", ["teacher.weights=null"])
     model = build_objective(cfg)
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
     apply_block_options(model, 0, False, False, fused_mlp=True)
     assert mlps and all(m.fused for m in mlps)
-    assert register_fused_mlp_params(model) == len(mlps)
-    for m in mlps:
-        ids = {id(p) for p in (*m.fc1.parameters(), *m.fc2.parameters())}
-        assert set(m._external_params) == ids
-        assert {id(p) for _, p in m.ds_external_parameters()} == ids
+    blocks = [b for b in model.modules() if isinstance(b, Block)]
+    assert zero3_gather_per_block(model) == len(blocks)
+    assert [m for m in model.modules() if z3_leaf_module(m)] == blocks
+    inside = {id(m) for b in blocks for m in b.mlp.modules()}
+    assert all(id(m) in inside for m in mlps)
+    assert zero3_gather_per_block(torch.nn.Sequential(torch.nn.Linear(2, 2))) == 0
     apply_block_options(model, 0, False, False)
     assert not any(m.fused for m in mlps)
 

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from itpn.layers import tokens_to_map
 from itpn.models import HiViTConfig
 from itpn.objectives.clip_mfm import ClipMFM
 from itpn.objectives.ema import EMATeacher, momentum_schedule
@@ -120,7 +121,9 @@ def test_clip_mfm_learns_fixed_targets():
 def test_clip_mfm_shapes():
     m = clip_model()
     out = m(torch.randn(2, 3, 64, 64), random_mask(2, 16, 6), targets=torch.randn(2, 16, 24))
-    assert [tuple(p.shape) for p in out["pyramid"]] == [(2, 32, 4, 4), (2, 32, 8, 8), (2, 32, 16, 16)]
+    assert "pyramid" not in out  # the loss uses no pyramid maps, so none is built
+    maps = [tokens_to_map(p, (4, 4)) for p in out["pyramid_tokens"]]
+    assert [tuple(p.shape) for p in maps] == [(2, 32, 4, 4), (2, 32, 8, 8), (2, 32, 16, 16)]
     assert out["mfm"].shape == out["aux"].shape == (2, 16, 24)
     assert m.aux_tap == 3
     torch.testing.assert_close(out["loss"], out["loss_mfm"] + out["loss_aux"])
@@ -141,7 +144,8 @@ def test_clip_mfm_masked_pixels_reach_no_output(mode, leaks):
     with torch.no_grad():
         a, b = m(x, mask), m(y, mask)
     outs = [(k, a[k], b[k]) for k in ("mfm", "aux", "aux_tokens")]
-    outs += [(f"pyramid{i}", p, q) for i, (p, q) in enumerate(zip(a["pyramid"], b["pyramid"]))]
+    levels = zip(a["pyramid_tokens"], b["pyramid_tokens"])
+    outs += [(f"pyramid{i}", p, q) for i, (p, q) in enumerate(levels)]
     changed = [k for k, p, q in outs if not torch.allclose(p, q, atol=1e-6)]
     if leaks:
         assert "mfm" in changed and "pyramid2" in changed  # stride-4 level sees masked pixels
