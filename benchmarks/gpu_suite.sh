@@ -129,7 +129,10 @@ case "${1:?part: first | second | third | fourth | fifth | teacher | check | cli
       --max-batch-limit 1536 ;;
   offload24)
     bench --recipe clip_l --batch 32 --steps 3 --warmup 1 --ladder bf16 --ckpt-every 1 --zero zero3_offload \
-      --memory-gib 24 --max-batch --max-batch-limit 512 ;;
+      --memory-gib 24 --max-batch --max-batch-limit 512
+    # compiled blocks under ZeRO-3 (one gathering hook per block since 2026-12-07), at batch 32
+    bench --recipe clip_l --batch 32 --steps 3 --warmup 1 --ladder fold --ckpt-every 1 --zero zero3_offload \
+      --memory-gib 24 ;;
   loader)
     data=${DATA:-/tmp/itpn_bench_shards}
     if [ ! -f "$data/train/manifest.json" ]; then
