@@ -265,7 +265,7 @@ def _kernel_vs_reference(tmp_path, args, setting, values, keys):
     torch.manual_seed(saved[ref]["config"]["seed"])  # the runner's initialisation
     init = build_objective(saved[ref]["config"]).state_dict()
     for value in others:
-        assert sorted(runs[value]) == [1, 2]
+        assert sorted(runs[value]) == sorted(runs[ref]) == [1]
         assert runs[value] == pytest.approx(runs[ref], rel=1e-5)
         for key in keys:
             a, b, w0 = saved[value]["model"][key], saved[ref]["model"][key], init[key]
@@ -278,9 +278,9 @@ def test_trainer_runs_our_attention_kernel(tmp_path, demo_data, triton_interpret
     """deepspeed.attention=triton through the trainer on 2 ranks (pixel MIM: a per-sample bias
     over each sample's visible tokens in the student, one bias for all tokens in the EMA
     teacher), the kernels in Triton's interpreter: every attention module runs it, and the
-    losses and the trained weights are SDPA's. Two steps of 4 images per rank: the interpreter
+    losses and the trained weights are SDPA's. One step of 2 images per rank: the interpreter
     is slow."""
-    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=4", "optim.epochs=0.034", *PIXEL]
+    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=2", "optim.epochs=0.009", *PIXEL]
     out = _kernel_vs_reference(tmp_path, args, "deepspeed.attention", ["sdpa", "triton"],
                                ["encoder.blocks.0.attn.relative_position_bias_table", "encoder.blocks.3.attn.qkv.weight"])
     assert "every attention module runs bias_attention" in out
@@ -291,8 +291,8 @@ def test_trainer_fuses_the_mlp_under_zero3(tmp_path, demo_data, triton_interpret
     partitioned parameters, read in the Mlp's forward, gathered with the whole block's:
     zero3_gather_per_block), fp32, pixel MIM + EMA-MFM (every MLP: C-MLP stages, transformer blocks,
     pyramid, decoder), the kernels in Triton's interpreter: the losses and the trained weights
-    are the separate kernels'. Two steps of 2 images per rank: the interpreter is slow."""
-    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=2", "optim.epochs=0.017",
+    are the separate kernels'. One step of 1 image per rank: the interpreter is slow."""
+    args = ["--config", "demo", f"data.train={demo_data / 'train'}", "data.batch_size=1", "optim.epochs=0.005",
             "deepspeed.fragments=[zero3, fp32, clip_grad]", *PIXEL]
     out = _kernel_vs_reference(tmp_path, args, "deepspeed.fused_mlp", ["false", "true"],
                                ["encoder.blocks.0.mlp.fc1.bias", "encoder.blocks.3.mlp.fc2.weight",
