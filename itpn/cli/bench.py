@@ -61,6 +61,7 @@ import time
 import traceback
 
 import torch
+from torch._dynamo.utils import counters
 
 from ..layers import attention_impl
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
@@ -319,6 +320,7 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
                 zero: str | None = None, check_syncs: bool = False, ds_precision: str | None = None,
                 deepspeed_loops: bool = False) -> dict:
     torch._dynamo.reset()  # fresh graphs: a second batch size would otherwise recompile with dynamic shapes
+    counters.clear()  # dynamo's counts, for this setting's row
     if loader is None:
         fixed = make_batch(cfg, batch, device)
         batches = iter(lambda: fixed, None)
@@ -365,6 +367,10 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
         if profile:
             result["profile"] = write_profile(step, device, profile)
     result["teacher_gflop"] = teacher_flops(step.teacher) / 1e9
+    # What dynamo made of the compiled regions: one graph per block signature and phase, and
+    # no break (a break, e.g. a DeepSpeed hook traced inside a block, splits a region).
+    result["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+    result["graph_breaks"] = sum(counters["graph_break"].values())
     if hasattr(batches, "close"):  # a loader generator: closing it stops the workers
         batches.close()
     del step, batches
@@ -725,7 +731,8 @@ def format_row(r: dict) -> str:
     split = (f"{r['teacher_pct']:8.1f} {r['student_pct']:8.1f} {r['optimizer_pct']:6.1f}"
              if "teacher_pct" in r else f"{'-':>8s} {'-':>8s} {'-':>6s}")
     return (f"{head} {r['img_s']:8.1f} {r['speedup']:7.2f} {r['tflops']:8.1f} {r['mfu_pct']:5.1f} "
-            f"{r.get('peak_gib', float('nan')):8.1f} {split}" + ("  largest batch" if r.get("max_batch") else ""))
+            f"{r.get('peak_gib', float('nan')):8.1f} {split}" + ("  largest batch" if r.get("max_batch") else "")
+            + (f"  {r['graph_breaks']} graph breaks" if r.get("graph_breaks") else ""))
 
 
 if __name__ == "__main__":

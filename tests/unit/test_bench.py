@@ -38,6 +38,34 @@ def test_bench_tiny_ladder(capsys, tmp_path):
         assert r["split_ms"] > 0 and r["step_ms"] > 0
 
 
+def test_bench_rows_count_dynamos_graphs_and_breaks(monkeypatch):
+    """Each row says how many graphs dynamo made and how many breaks it hit (a GPU row with
+    breaks prints them). Blocks compiled with dynamo + AOTAutograd only (no code generation,
+    fast on the CPU): one forward and one backward graph per block signature, no break; an
+    eager setting makes none. A break planted in a block's forward is counted."""
+    cfg, cpu = bench.load_recipe("tiny"), torch.device("cpu")
+    aot = {**bench.LADDER["fold"], "compile_options": {"backend": "aot_eager"}}
+    row = bench.run_setting(cfg, "fold", aot, 2, 1, 0, cpu, split=False)
+    from itpn.layers import Block
+    model = bench.build_objective(cfg)
+    signatures = len({tuple(p.shape for p in b.parameters()) for b in model.modules() if isinstance(b, Block)})
+    assert row["graph_breaks"] == 0 and row["dynamo_graphs"] >= signatures > 0, row
+    shown = {"speedup": 1.0, "tflops": 0.0, "mfu_pct": 0.0}
+    assert "graph breaks" not in bench.format_row({**row, **shown})
+    eager = bench.run_setting(cfg, "fused", bench.LADDER["fused"], 2, 1, 0, cpu, split=False)
+    assert eager["dynamo_graphs"] == eager["graph_breaks"] == 0, eager
+    forward = Block._forward
+
+    def broken(self, *args):
+        torch._dynamo.graph_break()
+        return forward(self, *args)
+
+    monkeypatch.setattr(Block, "_forward", broken)
+    row = bench.run_setting(cfg, "fold", aot, 2, 1, 0, cpu, split=False)
+    assert row["graph_breaks"] > 0, row
+    assert bench.format_row({**row, **shown}).endswith(f"  {row['graph_breaks']} graph breaks")
+
+
 def test_bench_real_loader_rows(capsys, tmp_path, demo_shards):
     out = tmp_path / "b.jsonl"
     assert bench.main(["--recipe", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
