@@ -64,6 +64,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..layers import attention_impl
+from ..layers.block import dynamo_counts
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
                             pretrain_loader)
 from ..engine.config import DTYPES, PRECISION_FRAGMENTS, load_config
@@ -367,10 +368,7 @@ def run_setting(cfg: dict, name: str, setting: dict, batch: int, steps: int, war
         if profile:
             result["profile"] = write_profile(step, device, profile)
     result["teacher_gflop"] = teacher_flops(step.teacher) / 1e9
-    # What dynamo made of the compiled regions: one graph per block signature and phase, and
-    # no break (a break, e.g. a DeepSpeed hook traced inside a block, splits a region).
-    result["dynamo_graphs"] = counters["stats"]["unique_graphs"]
-    result["graph_breaks"] = sum(counters["graph_break"].values())
+    result.update(dynamo_counts())  # what dynamo made of the compiled regions
     if hasattr(batches, "close"):  # a loader generator: closing it stops the workers
         batches.close()
     del step, batches

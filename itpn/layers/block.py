@@ -127,6 +127,16 @@ def _two_regions(attention_residual, mlp_residual):
     return forward
 
 
+def dynamo_counts() -> dict[str, int]:
+    """What dynamo has made since its counters were last cleared
+    (``torch._dynamo.utils.counters.clear()``): "dynamo_graphs", the graphs it compiled (a
+    compiled block gives one per signature), and "graph_breaks" (a break, e.g. a DeepSpeed hook
+    traced inside a block, splits a region)."""
+    from torch._dynamo.utils import counters
+    return {"dynamo_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
 def compiled_blocks(module: nn.Module):
     """``(name, block)`` for every block of ``module`` whose forward is compiled."""
     return [(name, blk) for name, blk in module.named_modules()

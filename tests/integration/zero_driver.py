@@ -16,6 +16,7 @@ from itpn.engine.build import apply_block_options, build_objective
 from itpn.engine.config import deepspeed_config, load_config
 from itpn.engine.param_groups import param_groups
 from itpn.engine.runner import _engine, _optimizer, init_distributed, shm_buffer_path
+from itpn.layers.block import dynamo_counts
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -90,8 +91,7 @@ for stage in args.stages:
         losses.append(sum(p.double().square().sum().item() for p in objective.ema.module.parameters()))
     results[stage] = losses
     if stage.endswith("compile"):  # what dynamo made of the compiled blocks in this stage
-        dynamo[stage] = {"graphs": counters["stats"]["unique_graphs"],
-                         "graph_breaks": sum(counters["graph_break"].values())}
+        dynamo[stage] = dynamo_counts()
     del engine
 if rank == 0:
     with open(args.out, "w") as f:
