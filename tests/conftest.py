@@ -1,7 +1,9 @@
+import contextlib
 import os
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +32,22 @@ def _ds_shm_before_session() -> set[str]:
     return _ds_shm_buffers()
 
 
+def _ds_shm_mapped() -> set[str]:
+    """The DeepSpeed buffers some live process maps (its test is still running)."""
+    mapped = set()
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    if DS_SHM_PREFIX in line:
+                        mapped.add(os.path.basename(line.split(None, 5)[-1].strip().removesuffix(" (deleted)")))
+        except OSError:  # gone, or another user's
+            continue
+    return mapped
+
+
 @pytest.fixture(autouse=True)
 def _release_deepspeed_shm(_ds_shm_before_session):
     """DeepSpeed's CPU shared-memory all-reduce (0.19.8) leaves a buffer file in /dev/shm per
@@ -37,10 +55,18 @@ def _release_deepspeed_shm(_ds_shm_before_session):
     this VM's 24 GB of memory. ``init_distributed`` now unlinks them (``release_shm_buffer``);
     this stays as a net for a process that dies before it gets there.
     After each test, the files that appeared since the session began are removed (also those a
-    module-scoped fixture made; unlinking a file that a live process still maps is safe: the
-    memory goes when the mapping does)."""
+    module-scoped fixture made), unless a run may still be using them, e.g. in the other
+    pytest-xdist worker: a file some live process maps, or one made in the last minute (its
+    creator writes it before mapping it). Its other ranks may not have opened it yet, and
+    unlinking it would leave them waiting for it."""
     yield
+    now = time.time()
+    leftover = set()
     for name in _ds_shm_buffers() - _ds_shm_before_session:
+        with contextlib.suppress(FileNotFoundError):
+            if now - os.stat(os.path.join(SHM, name)).st_mtime > 60:
+                leftover.add(name)
+    for name in leftover - _ds_shm_mapped() if leftover else ():
         try:
             os.unlink(os.path.join(SHM, name))
         except FileNotFoundError:

@@ -10,7 +10,8 @@ import pytest
 
 from test_deepspeed import DEEPSPEED, ROOT, _port, _run
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole module under pytest-xdist: its driver fixture takes ~2 minutes
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("host_sync")]
 
 
 @pytest.fixture(scope="module")
