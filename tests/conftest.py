@@ -1,9 +1,12 @@
 import contextlib
+import fcntl
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +74,30 @@ def _release_deepspeed_shm(_ds_shm_before_session):
             os.unlink(os.path.join(SHM, name))
         except FileNotFoundError:
             pass
+
+
+@pytest.fixture(scope="session")
+def once_per_run(tmp_path_factory):
+    """``once_per_run(name, make)``: the folder ``make(folder)`` filled, made once per test
+    run. pytest-xdist workers share it (the first makes it under a lock while the others
+    wait), so an expensive module-scoped fixture does not run again in each worker that gets
+    some of its module's tests."""
+    return lambda name, make: _once(tmp_path_factory, name, make)
+
+
+def _once(tmp_path_factory, name: str, make) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            (folder / ".done").touch()
+    return folder
 
 
 @pytest.fixture

@@ -169,7 +169,6 @@ def pretrained(tmp_path_factory, demo_data):
     return run
 
 
-@pytest.mark.xdist_group("pretrained")  # one worker makes the fixture's run (pytest-xdist)
 def test_exports_load_in_both_layouts(pretrained):
     import torch
 
@@ -194,7 +193,6 @@ def test_exports_load_in_both_layouts(pretrained):
     assert load_config("demo")["model"]["arch"]["embed_dim"] == 128
 
 
-@pytest.mark.xdist_group("pretrained")
 def test_linprobe_and_eval_commands(tmp_path, pretrained, demo_data):
     common = [f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}",
               f"model.init={pretrained / 'weights' / 'model.pt'}", "log.tensorboard=false"]

@@ -10,19 +10,18 @@ import pytest
 
 from test_deepspeed import DEEPSPEED, ROOT, _port, _run
 
-# one worker runs the whole module under pytest-xdist: its driver fixture takes ~2 minutes
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("host_sync")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def driver_result(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("host_sync")
-    _run([sys.executable, "-m", "data_prep", "demo", str(tmp / "data")], cwd=ROOT)
-    out = tmp / "result.json"
-    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()),
-          str(ROOT / "tests" / "integration" / "host_sync_driver.py"), "--out", str(out),
-          "--data", str(tmp / "data" / "train"), "--run-dir", str(tmp / "run")], cwd=ROOT)
-    return json.loads(Path(out).read_text())
+def driver_result(once_per_run):
+    def make(tmp):
+        _run([sys.executable, "-m", "data_prep", "demo", str(tmp / "data")], cwd=ROOT)
+        _run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()),
+              str(ROOT / "tests" / "integration" / "host_sync_driver.py"), "--out", str(tmp / "result.json"),
+              "--data", str(tmp / "data" / "train"), "--run-dir", str(tmp / "run")], cwd=ROOT)
+    # ~2 minutes: made once per test run, also when pytest-xdist spreads the module's tests
+    return json.loads((once_per_run("host_sync", make) / "result.json").read_text())
 
 
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero0"])
