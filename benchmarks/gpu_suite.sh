@@ -13,7 +13,7 @@
 #                                     tests, zero0 + bf16_autocast, the ZeRO-1 step's kernel profile (second, third, fourth: what
 #                                     that day's leases ran, kept for their commands)
 #   benchmarks/gpu_suite.sh teacher   after `fifth` (~6 minutes): the teacher's blocks compiled against eager
-#                                     (QuickGELU, as OpenAI's weights run it), CLIP-L and CLIP-B
+#                                     (OpenAI's QuickGELU, folded into SiLU), CLIP-L and CLIP-B
 #   benchmarks/gpu_suite.sh check     GPU tests: fast paths vs naive, compiled (+ checkpointed)
 #                                     blocks vs eager, no host sync in the step; the attention
 #                                     microbenchmark (bias-gradient cost, cuDNN backend)
@@ -111,7 +111,8 @@ case "${1:?part: first | second | third | fourth | fifth | teacher | check | cli
     limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 \
       --profile "$OUT/profile_clip_l_zero1.txt" ;;
   teacher)  # 2026-12-07: CLIPTeacher.compile_blocks (teacher.compile) against the eager teacher, with the
-    # QuickGELU activation of the recipes' OpenAI weights (run(carry=[".whl"], timeout_s=400, ...))
+    # QuickGELU activation of the recipes' OpenAI weights, folded into SiLU in both since the third session
+    # of that day (run(carry=[".whl"], timeout_s=400, ...))
     limited 190 bench --recipe clip_l --batch 128 --steps 10 --ladder fold teacher
     limited 190 bench --recipe clip_b --batch 256 --steps 10 --ladder fold teacher ;;
   check)
