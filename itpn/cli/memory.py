@@ -1,0 +1,372 @@
+"""A training step's peak GPU memory, simulated on the CPU without a GPU (``itpn-memory``,
+issue #6: the largest batch with and without activation checkpointing, and ZeRO-3 + CPU
+offload in a 24 GiB budget).
+
+Simulated, op by op, with fake tensors (nothing is allocated, so iTPN-L at batch 384 runs on a
+laptop in under a minute): the teacher's forward and the student's forward and backward at
+the recipe's batch, as ``itpn-bench``'s step runs them. A dispatch mode records each storage
+an operation creates, its size, and when it is freed; the peak is the largest sum alive after
+any operation. Attention runs as CUDA runs it with an additive bias: SDPA's memory-efficient
+kernel, whose meta kernel gives what it saves (bf16 q, k, v and output, an fp32 log-sum-exp)
+and its backward's outputs (``--attention naive``: the explicit fp32 softmax). Checkpointed
+blocks keep their inputs and are recomputed in the backward, as on the GPU.
+
+Counted, not simulated: the weights, the optimizer's state and each engine's buffers
+(``static_bytes``): ``plain`` is the benchmark outside DeepSpeed (fp32 weights, torch AdamW,
+autocast); ``zero1`` is the trainer's DeepSpeed bf16 engine with ``flat_zero1_reduction``
+(bf16 weights, a flat bf16 gradient buffer and this rank's partition of it, fp32 master
+weights and AdamW moments for 1/world of the weights, the partition cast to fp32 at the step);
+``zero3_offload`` keeps weights and optimizer on the host, so the GPU holds the parameters
+below DeepSpeed's persistence threshold, two blocks' gathered weights (the block being run
+and the one prefetched; blocks are gathering units, ``zero3_gather_per_block``) and one
+gradient reduction bucket; each gradient leaves the GPU when the backward has produced it.
+
+Where the CPU is not CUDA: autocast's policy. Under CUDA autocast LayerNorm runs and returns
+fp32; under the CPU's it returns bf16. With autocast the student's forward is therefore run a
+second time with fake CUDA tensors and CUDA's autocast (a CUDA build of torch does that
+without a GPU), and the difference between the bytes each forward leaves alive is added to
+the peak. (The backward cannot run on fake CUDA tensors: autograd's CUDA worker thread needs
+a device.)
+
+Not modelled: the CUDA context, cuBLAS and cuDNN workspaces and the caching allocator's
+fragmentation (``torch.cuda.max_memory_allocated``, which ``itpn-bench`` reports, counts none
+of them either), and compiled blocks: inductor's partitioner saves fewer tensors than eager
+(measured on an H100 at batch 128: 45.0 GiB compiled, 48.7 eager), so the eager peak bounds
+the compiled one. docs/performance.md compares the predictions with the measured peaks.
+
+    itpn-memory --recipe clip_l --batch 128 [--engine plain|zero1|zero3_offload]
+                [--precision autocast|bf16|fp16] [--ckpt-every N] [--attention sdpa|naive]
+                [--no-fold] [--budget-gib G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..engine.build import apply_block_options, build_objective, build_teacher
+from ..layers import Block
+from ..layers.attention import attention_impl
+from .bench import RECIPES, largest_batch, load_recipe, make_batch
+from .roofline import efficient_attention
+
+GIB = 2 ** 30
+ENGINES = ("plain", "zero1", "zero3_offload")
+DTYPES = {"autocast": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: DeepSpeed's ZeRO-3 settings in ds_configs/zero3_offload.json that decide what stays on the GPU.
+ZERO3_PERSISTENCE_THRESHOLD = 100_000  # parameters with fewer elements are not partitioned
+ZERO3_REDUCE_BUCKET = 50_000_000  # elements, in the gradients' dtype
+_LAYER_NORM = torch.ops.aten.native_layer_norm.default
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that operations create and that are still alive: ``total`` now,
+    ``peak`` the largest total after any operation. Storages in ``exclude`` (the weights) and
+    storages that existed before the mode are not counted. Works on real and fake tensors."""
+
+    def __init__(self, exclude=()):
+        super().__init__()
+        self.exclude = set(exclude)
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.total = self.peak = 0
+
+    def poll(self) -> int:
+        """Forgets the storages freed since the last call; returns ``total``."""
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.total -= self.live.pop(key)[1]
+        return self.total
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Freed storages first: one freed inside this operation may share its address with an output.
+        self.poll()
+        for i, t in enumerate(tree_leaves(out)):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self.live and ref.cdata not in self.exclude:
+                    n = storage.nbytes()
+                    if func is _LAYER_NORM and i > 0:  # mean and rstd: fp32 from the CPU's and CUDA's kernels,
+                        n = t.numel() * 4  # from the meta kernel in the input's dtype on the CPU
+                    self.live[ref.cdata] = (ref, n)
+                    self.total += n
+        self.peak = max(self.peak, self.total)
+        return out
+
+
+def storage_keys(modules) -> set:
+    return {StorageWeakRef(t.untyped_storage()).cdata
+            for m in modules if m is not None for t in (*m.parameters(), *m.buffers())}
+
+
+@contextlib.contextmanager
+def swapped_weights(modules, convert):
+    """Every parameter and buffer of ``modules`` replaced by ``convert(tensor)`` for the
+    duration (a fake copy: the weights must be fake tensors too, or every view of a real
+    weight taken under the fake mode becomes a new fake storage); yields their storage keys."""
+    saved, memo = [], {}
+    for root in modules:
+        for m in root.modules():
+            for table in (m._parameters, m._buffers):
+                for name, t in table.items():
+                    if t is not None:
+                        saved.append((table, name, t))
+                        if id(t) not in memo:  # tied weights stay tied
+                            memo[id(t)] = convert(t)
+                        table[name] = memo[id(t)]
+    try:
+        yield {StorageWeakRef(t.untyped_storage()).cdata for t in memo.values()}
+    finally:
+        for table, name, t in saved:
+            table[name] = t
+
+
+@dataclass
+class Step:
+    """A simulated step's bytes: the dynamic peak (activations, gradients, transients),
+    what the student's forward leaves alive for the backward, the gradients at the end, the
+    autocast correction (CUDA's policy minus the CPU's, 0 without autocast) and the static
+    bytes (weights, optimizer state, engine buffers) by item."""
+    batch: int
+    dynamic_peak: int
+    forward_live: int
+    grads: int
+    correction: int
+    static: dict
+
+    @property
+    def peak(self) -> int:
+        return sum(self.static.values()) + self.dynamic_peak + self.correction
+
+
+def _nbytes(params, dtype=None) -> int:
+    return sum(p.numel() * (dtype.itemsize if dtype else p.element_size()) for p in params)
+
+
+def static_bytes(engine: str, student: torch.nn.Module, teacher: torch.nn.Module | None, world: int = 1) -> dict:
+    """Weights, optimizer state and engine buffers on one GPU (see the module docstring);
+    ``student``'s parameters as the engine holds them (fp32 for ``plain``, bf16 otherwise);
+    ``teacher``: the frozen CLIP tower (``CLIPTeacher.tower``) or None."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    items = {"teacher weights": _nbytes(teacher.parameters()) if teacher is not None else 0}
+    if engine == "plain":
+        items.update({"weights": _nbytes(params), "AdamW moments": 8 * n})
+    elif engine == "zero1":
+        items.update({"weights": _nbytes(params), "flat gradients": _nbytes(params),
+                      "gradient partition": 2 * math.ceil(n / world),
+                      "fp32 master + AdamW moments": 12 * math.ceil(n / world),
+                      "fp32 gradient partition (step)": 4 * math.ceil(n / world)})
+    elif engine == "zero3_offload":
+        persistent = [p for p in params if p.numel() < ZERO3_PERSISTENCE_THRESHOLD]
+        blocks = [_nbytes(b.parameters()) for b in student.modules() if isinstance(b, Block)]
+        items.update({"persistent parameters": _nbytes(persistent),
+                      "two gathered blocks": 2 * max(blocks, default=0),
+                      "reduction bucket": ZERO3_REDUCE_BUCKET * params[0].element_size()})
+    else:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return items
+
+
+def _autocast(device: str, dtype, enabled: bool):
+    """torch.autocast, also for fake CUDA tensors where CUDA is absent (torch.autocast then
+    disables itself with a warning)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device != "cuda" or torch.cuda.is_available():
+        return torch.autocast(device, dtype=dtype)
+
+    @contextlib.contextmanager
+    def forced():
+        was, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", dtype)
+        try:
+            yield
+        finally:
+            torch.set_autocast_enabled("cuda", was)
+            torch.set_autocast_dtype("cuda", was_dtype)
+            torch.clear_autocast_cache()
+    return forced()
+
+
+def build(recipe: str, engine: str, precision: str, ckpt_every: int = 0, fold: bool = True,
+          initialise: bool = False) -> tuple:
+    """(config, student objective, teacher) on the CPU, held as ``engine`` holds them; weights
+    and buffers uninitialised (fast; all a simulation needs) unless ``initialise``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {precision!r}")
+    if engine != "plain" and precision != "bf16":
+        raise ValueError(f"--engine {engine} runs DeepSpeed's bf16 weights: use --precision bf16, not {precision!r}")
+    cfg = load_recipe(recipe)
+    dtype = DTYPES[precision]
+    device = "cpu" if initialise else "meta"
+    teacher = build_teacher(cfg, dtype, device)
+    if teacher is not None and not initialise:
+        teacher.tower.to_empty(device="cpu")  # the frozen tower is not a registered submodule
+    with torch.device(device):
+        student = build_objective(cfg, teacher)
+    student = (student if initialise else student.to_empty(device="cpu")).train()
+    apply_block_options(student, ckpt_every, ckpt_every > 0, False, fold_layer_scale=fold)
+    if engine != "plain":
+        student = student.to(dtype)
+    return cfg, student, teacher
+
+
+def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "autocast", ckpt_every: int = 0,
+             attention: str = "sdpa", fold: bool = True, world: int = 1, cuda_policy: bool = True,
+             built: tuple | None = None, fake: bool = True) -> Step:
+    """One step of ``recipe`` at ``batch``, simulated (see the module docstring). ``built``:
+    what ``build`` returned for the same arguments, to simulate several batches from one build.
+    ``cuda_policy``: add the autocast correction (skipped with a warning where torch cannot
+    make fake CUDA tensors: a CPU-only build). ``fake=False`` runs the same step with real
+    tensors (``attention="naive"``, which runs on the CPU): the tests check the simulation
+    against it, on a ``build(..., initialise=True)``."""
+    cfg, student, teacher = built or build(recipe, engine, precision, ckpt_every, fold)
+    dtype, autocast = DTYPES[precision], engine == "plain" and precision != "fp32"
+    tower = teacher.tower if teacher is not None else None
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    kinds = efficient_attention() if attention == "sdpa" else attention_impl(attention)
+    handles = []
+    with mode:
+        weights = swapped_weights([m for m in (student, tower) if m is not None], mode.from_tensor) if fake \
+            else contextlib.nullcontext(storage_keys([student, tower]))
+        with weights as keys:
+            params = [p for p in student.parameters() if p.requires_grad]
+            if engine == "zero3_offload":  # each gradient is reduced into the bucket and moved to the host
+                handles = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
+            live = LiveBytes(keys)
+            try:
+                with kinds, live:
+                    x, mask, tview = make_batch(cfg, batch, torch.device("cpu"))
+                    if engine != "plain":
+                        x, tview = x.to(dtype), (tview.to(dtype) if tview is not None else None)
+                    kwargs = {}
+                    if teacher is not None:
+                        with torch.no_grad(), _autocast("cpu", dtype, autocast):
+                            kwargs["targets"] = teacher(tview)
+                    del tview
+                    before = live.poll()
+                    with _autocast("cpu", dtype, autocast):
+                        loss = student(x, mask, **kwargs)["loss"]
+                    gc.collect()
+                    forward_live = live.poll() - before
+                    loss.backward()
+                    targets = kwargs["targets"].dtype if teacher is not None else None
+                    del loss, x, mask, kwargs
+                    gc.collect()
+                    grads = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
+            finally:
+                for h in handles:
+                    h.remove()
+                for p in params:
+                    p.grad = None
+    correction = 0
+    if autocast and cuda_policy:
+        try:
+            correction = cuda_forward_live(cfg, student, batch, dtype, targets, attention) - forward_live
+        except (RuntimeError, AssertionError) as e:
+            warnings.warn(f"itpn-memory: no fake CUDA tensors here ({e}); the peak is the CPU autocast "
+                          "policy's, without the correction for CUDA's", stacklevel=2)
+    return Step(batch, live.peak, forward_live, grads, correction, static_bytes(engine, student, tower, world))
+
+
+def cuda_forward_live(cfg, student, batch: int, dtype, targets: torch.dtype | None, attention: str = "sdpa",
+                      autocast: bool = True) -> int:
+    """Bytes the student's forward leaves alive under CUDA's autocast to ``dtype`` (or, with
+    ``autocast=False``, in its weights' dtype), with fake CUDA tensors (fake copies of the
+    weights; the module is restored) and random teacher targets of dtype ``targets`` (None: no
+    teacher). Raises where torch cannot make fake CUDA tensors."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        def to_cuda(t):
+            return mode.from_tensor(t).to("cuda").detach().requires_grad_(t.requires_grad)
+        with swapped_weights([student], to_cuda) as keys, LiveBytes(keys) as live:
+            x, mask, _ = make_batch(cfg, batch, torch.device("cuda"))
+            if not autocast:
+                x = x.to(next(student.parameters()).dtype)
+            kwargs = {}
+            if targets is not None:
+                kwargs["targets"] = torch.randn(batch, mask.shape[1], student.mfm_head.out_features, device="cuda",
+                                                dtype=targets)
+            kinds = efficient_attention() if attention == "sdpa" else attention_impl(attention)
+            with kinds, _autocast("cuda", dtype, autocast):
+                before = live.poll()
+                loss = student(x, mask, **kwargs)["loss"]
+                gc.collect()
+                after = live.poll()
+            del loss
+    return after - before
+
+
+def format_step(s: Step) -> str:
+    static = sum(s.static.values())
+    return (f"{s.batch:6d} {static / GIB:9.2f} {s.forward_live / GIB:10.2f} {s.dynamic_peak / GIB:10.2f} "
+            f"{s.correction / GIB:+11.2f} {s.peak / GIB:9.2f}")
+
+
+HEADER = f"{'batch':>6s} {'static':>9s} {'fwd saved':>10s} {'dyn. peak':>10s} {'CUDA policy':>11s} {'peak GiB':>9s}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="clip_l")
+    p.add_argument("--batch", type=int, nargs="+", default=[128])
+    p.add_argument("--engine", choices=ENGINES, default="plain")
+    p.add_argument("--precision", choices=tuple(DTYPES), default=None,
+                   help="plain: autocast (bf16, the default), fp16 (autocast) or fp32 (none); "
+                        "the DeepSpeed engines: bf16 weights")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N-th block (0: none)")
+    p.add_argument("--attention", choices=("sdpa", "naive"), default="sdpa")
+    p.add_argument("--no-fold", action="store_true", help="layer scale as a separate multiply (the reference's form)")
+    p.add_argument("--world", type=int, default=1, help="ranks the ZeRO partitions are split over")
+    p.add_argument("--budget-gib", type=float, help="also search the largest batch whose peak fits in this many GiB")
+    p.add_argument("--headroom", type=float, default=0.05,
+                   help="fraction of the budget kept free for what is not modelled (workspaces, fragmentation)")
+    p.add_argument("--max-batch", type=int, default=2048, help="upper end of the --budget-gib search")
+    p.add_argument("--granularity", type=int, default=8, help="the --budget-gib search's step")
+    args = p.parse_args(argv)
+    precision = args.precision or ("autocast" if args.engine == "plain" else "bf16")
+    built = build(args.recipe, args.engine, precision, args.ckpt_every, not args.no_fold)
+
+    def run(b: int) -> Step:
+        return simulate(args.recipe, b, args.engine, precision, args.ckpt_every, args.attention, not args.no_fold,
+                        args.world, built=built)
+    print(f"# itpn-memory: {args.recipe}, engine {args.engine}, {precision}, attention {args.attention}, "
+          f"checkpointing every {args.ckpt_every or '-'} block(s), layer scale {'unfolded' if args.no_fold else 'folded'}, "
+          f"world {args.world}; eager blocks, simulated on the CPU")
+    print(HEADER)
+    first = None
+    for b in args.batch:
+        s = run(b)
+        first = first or s
+        print(format_step(s), flush=True)
+    for name, n in first.static.items():
+        print(f"#   static: {name} {n / GIB:.2f} GiB")
+    if args.budget_gib:
+        budget = args.budget_gib * (1 - args.headroom) * GIB
+        seen = {}
+
+        def fits(b):
+            if b not in seen:
+                seen[b] = run(b)
+                print(format_step(seen[b]), flush=True)
+            return seen[b].peak <= budget
+        best = largest_batch(fits, args.batch[0], args.max_batch, args.granularity)
+        print(f"largest batch in {args.budget_gib:g} GiB ({1 - args.headroom:.0%} of it): {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

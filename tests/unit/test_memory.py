@@ -1,0 +1,122 @@
+"""itpn-memory: the step's memory simulated with fake tensors (itpn/cli/memory.py)."""
+
+import pytest
+import torch
+from torch import nn
+
+from itpn.cli import memory
+from itpn.cli.memory import LiveBytes, build, cuda_forward_live, simulate, static_bytes, storage_keys
+from itpn.layers import Block
+
+
+def test_live_bytes_follows_what_autograd_keeps():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 256)
+    x = torch.randn(8, 64)
+    act = 8 * 256 * 4
+    with LiveBytes(storage_keys([lin])) as live:
+        h = lin(x)
+        y = torch.nn.functional.gelu(h)  # saves h
+        loss = y.sum()
+        assert live.poll() == 2 * act + 4  # h, y, the loss; the weights are not counted
+        del h, y
+        assert live.poll() == act + 4  # y is freed, h is kept for GELU's backward
+        loss.backward()
+        del loss
+        assert live.poll() == 64 * 256 * 4 + 256 * 4  # the gradients alone are left
+    assert live.peak >= act + 4 + 64 * 256 * 4  # the weight gradient made while h's gradient lives
+
+
+def test_simulated_step_allocates_what_the_real_step_allocates():
+    # Same step, fake tensors against real ones: the same peak, saved bytes and gradients.
+    built = build("tiny", "plain", "fp32", initialise=True)
+    args = dict(recipe="tiny", batch=4, precision="fp32", attention="naive", built=built)
+    fake, real = simulate(**args), simulate(**args, fake=False)
+    assert (fake.dynamic_peak, fake.forward_live, fake.grads) == (real.dynamic_peak, real.forward_live, real.grads)
+    n = sum(p.numel() for p in built[1].parameters())
+    assert fake.grads == 4 * n  # fp32 weights, every parameter gets a gradient
+    assert fake.forward_live > 0 and fake.dynamic_peak > fake.forward_live
+    # and under bf16 autocast (where LayerNorm's meta kernel gives bf16 statistics that LiveBytes
+    # counts as the fp32 ones the CPU's and CUDA's kernels make)
+    args.update(precision="autocast", cuda_policy=False)
+    fake, real = simulate(**args), simulate(**args, fake=False)
+    assert (fake.dynamic_peak, fake.forward_live, fake.grads) == (real.dynamic_peak, real.forward_live, real.grads)
+
+
+def test_checkpointing_keeps_block_inputs_and_recomputes():
+    plain = simulate("tiny", 8, precision="fp32", attention="naive")
+    built = build("tiny", "plain", "fp32", ckpt_every=1, initialise=True)
+    ckpt = simulate("tiny", 8, precision="fp32", attention="naive", ckpt_every=1, built=built)
+    real = simulate("tiny", 8, precision="fp32", attention="naive", ckpt_every=1, built=built, fake=False)
+    assert (ckpt.dynamic_peak, ckpt.forward_live) == (real.dynamic_peak, real.forward_live)
+    assert ckpt.forward_live < plain.forward_live
+    assert ckpt.dynamic_peak < plain.dynamic_peak
+    assert ckpt.grads == plain.grads
+
+
+def test_saved_bytes_grow_linearly_with_the_batch():
+    built = build("tiny", "plain", "autocast")
+    s = [simulate("tiny", b, cuda_policy=False, built=built) for b in (2, 4, 6)]
+    assert s[1].forward_live - s[0].forward_live == s[2].forward_live - s[1].forward_live > 0
+
+
+def _fake_cuda_ok() -> bool:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    try:
+        with FakeTensorMode():
+            torch.empty(1, device="cuda")
+        return True
+    except (RuntimeError, AssertionError):
+        return False
+
+
+@pytest.mark.skipif(not _fake_cuda_ok(), reason="this torch build cannot make fake CUDA tensors")
+def test_cuda_forward_counts_as_the_cpu_forward_without_autocast():
+    # Without autocast the device changes nothing: the two counts must agree to the byte. With
+    # autocast, CUDA's policy keeps LayerNorm in fp32, so its forward saves more than the CPU's.
+    cfg, student, teacher = built = build("tiny", "zero1", "bf16")
+    s = simulate("tiny", 4, "zero1", "bf16", built=built)
+    targets = torch.float32  # the teacher's targets are LayerNormed in fp32
+    assert cuda_forward_live(cfg, student, 4, torch.bfloat16, targets, autocast=False) == s.forward_live
+    cfg, student, _ = built = build("tiny", "plain", "autocast")
+    a = simulate("tiny", 4, built=built)
+    assert a.correction > 0
+    assert a.correction == cuda_forward_live(cfg, student, 4, torch.bfloat16, targets) - a.forward_live
+
+
+def test_static_bytes_per_engine():
+    _, student, teacher = build("tiny", "zero1", "bf16")
+    n = sum(p.numel() for p in student.parameters())
+    t = sum(p.numel() * p.element_size() for p in teacher.tower.parameters())
+    assert t > 0
+    z1 = static_bytes("zero1", student, teacher.tower, world=4)
+    assert z1["weights"] == z1["flat gradients"] == 2 * n and z1["teacher weights"] == t
+    assert z1["fp32 master + AdamW moments"] == 12 * -(-n // 4)
+    z3 = static_bytes("zero3_offload", student, teacher.tower)
+    block = max(sum(p.numel() for p in b.parameters()) for b in student.modules() if isinstance(b, Block))
+    assert z3["two gathered blocks"] == 4 * block
+    assert z3["reduction bucket"] == 2 * memory.ZERO3_REDUCE_BUCKET
+    with pytest.raises(ValueError, match="engine must be one of"):
+        static_bytes("zero2", student, teacher)
+    with pytest.raises(ValueError, match="use --precision bf16"):
+        build("tiny", "zero1", "autocast")
+
+
+def test_zero3_offload_moves_gradients_off_the_gpu():
+    built = build("tiny", "zero3_offload", "bf16")
+    s = simulate("tiny", 4, "zero3_offload", "bf16", built=built)
+    z1 = simulate("tiny", 4, "zero1", "bf16", built=build("tiny", "zero1", "bf16"))
+    assert s.grads == 0 and z1.grads > 0
+    assert s.dynamic_peak < z1.dynamic_peak
+
+
+def test_cli_finds_the_largest_batch_in_a_budget(capsys):
+    built = build("tiny", "plain", "autocast")
+    peaks = {b: simulate("tiny", b, built=built).peak for b in (8, 16)}
+    budget = (peaks[8] + peaks[16]) / 2  # between 8 and 16
+    memory.main(["--recipe", "tiny", "--batch", "8", "--budget-gib", str(budget / 0.95 / 2 ** 30),
+                 "--max-batch", "64", "--granularity", "1"])
+    out = capsys.readouterr().out
+    best = int(out.strip().splitlines()[-1].split()[-1])
+    assert 8 < best < 16
+    assert simulate("tiny", best, built=built).peak <= budget < simulate("tiny", best + 1, built=built).peak
