@@ -83,8 +83,10 @@ class LiveBytes(TorchDispatchMode):
         self.total = self.peak = 0
 
     def poll(self) -> int:
-        """Forgets the storages freed since the last call; returns ``total``."""
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+        """Forgets the storages freed since the last call; returns ``total``. (A storage's
+        address is not reused while its weak reference is held, so a key names one storage.)"""
+        expired = torch.UntypedStorage._expired
+        for key in [k for k in self.live if expired(k)]:
             self.total -= self.live.pop(key)[1]
         return self.total
 
@@ -202,22 +204,28 @@ def _autocast(device: str, dtype, enabled: bool):
     return forced()
 
 
-class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
-    """Under the CPU's autocast, runs the functions that CUDA's autocast policy runs in fp32
-    but the CPU's in lower precision, as CUDA does: inputs cast to fp32, autocast off, an fp32
-    result. That is LayerNorm (CUDA's "fp32" list); ``simulate`` checks the rest of the two
-    policies' difference by running the student's forward on fake CUDA tensors as well."""
+_layer_norm = torch.nn.functional.layer_norm
 
-    FP32 = (torch.nn.functional.layer_norm,)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.FP32 and torch.is_autocast_enabled("cpu"):
-            def fp32(t):
-                return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            with torch.autocast("cpu", enabled=False):
-                return func(*[fp32(a) for a in args], **{k: fp32(v) for k, v in kwargs.items()})
-        return func(*args, **kwargs)
+def _layer_norm_as_cuda(input, *args, **kwargs):
+    # CUDA's autocast runs LayerNorm in fp32 (its "fp32" list); the CPU's in lower precision.
+    if not torch.is_autocast_enabled("cpu"):
+        return _layer_norm(input, *args, **kwargs)
+
+    def fp32(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    with torch.autocast("cpu", enabled=False):
+        return _layer_norm(fp32(input), *[fp32(a) for a in args], **{k: fp32(v) for k, v in kwargs.items()})
+
+
+def cuda_autocast_policy():
+    """For the duration, the CPU's autocast runs what CUDA's runs in fp32 but the CPU's in
+    lower precision as CUDA does: LayerNorm (``F.layer_norm``, which ``nn.LayerNorm`` and
+    open_clip call), inputs cast to fp32, an fp32 result. A patch of the function rather than
+    a torch-function mode, so that a checkpointed block's recomputation in the backward follows
+    it too. ``simulate`` checks what is left of the two policies' difference by running the
+    student's forward on fake CUDA tensors as well."""
+    return patched([(torch.nn.functional, "layer_norm", _layer_norm_as_cuda)])
 
 
 def build(recipe: str, engine: str, precision: str, ckpt_every: int = 0, fold: bool = True,
@@ -263,7 +271,7 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
     # Pixel MIM checks a CPU mask's counts on the host, which a fake mask cannot answer.
     unchecked = patched([(PixelMIM, "_check_keep_counts", lambda self, mask: None)]) if fake \
         else contextlib.nullcontext()
-    with mode, unchecked:
+    with mode, unchecked, cuda_autocast_policy():
         weights = swapped_weights([m for m in (student, tower) if m is not None], mode.from_tensor) if fake \
             else contextlib.nullcontext(storage_keys([student, tower]))
         with weights as keys:
@@ -278,11 +286,11 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
                         x, tview = x.to(dtype), (tview.to(dtype) if tview is not None else None)
                     kwargs = {}
                     if teacher is not None:
-                        with torch.no_grad(), _autocast("cpu", dtype, autocast), CudaAutocastPolicy():
+                        with torch.no_grad(), _autocast("cpu", dtype, autocast):
                             kwargs["targets"] = teacher(tview)
                     del tview
                     before = live.poll()
-                    with _autocast("cpu", dtype, autocast), CudaAutocastPolicy():
+                    with _autocast("cpu", dtype, autocast):
                         loss = student(x, mask, **kwargs)["loss"]
                     gc.collect()
                     forward_live = live.poll() - before
@@ -355,7 +363,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-fold", action="store_true", help="layer scale as a separate multiply (the reference's form)")
     p.add_argument("--world", type=int, default=1, help="ranks the ZeRO partitions are split over")
     p.add_argument("--budget-gib", type=float, help="also search the largest batch whose peak fits in this many GiB")
-    p.add_argument("--headroom", type=float, default=0.05,
+    p.add_argument("--headroom", type=float, default=0.10,
                    help="fraction of the budget kept free for what is not modelled (workspaces, fragmentation)")
     p.add_argument("--max-batch", type=int, default=2048, help="upper end of the --budget-gib search")
     p.add_argument("--granularity", type=int, default=8, help="the --budget-gib search's step")
