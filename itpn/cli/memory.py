@@ -17,8 +17,9 @@ autocast); ``zero1`` is the trainer's DeepSpeed bf16 engine with ``flat_zero1_re
 (bf16 weights, a flat bf16 gradient buffer and this rank's partition of it, fp32 master
 weights and AdamW moments for 1/world of the weights, the partition cast to fp32 at the step);
 ``zero3_offload`` keeps weights and optimizer on the host, so the GPU holds the parameters
-below DeepSpeed's persistence threshold, two blocks' gathered weights (the block being run
-and the one prefetched; blocks are gathering units, ``zero3_gather_per_block``) and one
+below DeepSpeed's persistence threshold, the gathered ones (at most
+``stage3_max_live_parameters``, 1e9 by default: with the default reuse distance DeepSpeed may
+keep every gathered parameter of iTPN-L until its backward, so all are counted) and one
 gradient reduction bucket; each gradient leaves the GPU when the backward has produced it.
 
 Where the CPU is not CUDA: autocast's policy. Under CUDA autocast LayerNorm runs and returns
@@ -55,7 +56,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..engine.build import apply_block_options, build_objective, build_teacher
-from ..layers import Block
 from ..layers.attention import attention_impl
 from ..objectives.pixel_mim import PixelMIM
 from .bench import RECIPES, largest_batch, load_recipe, make_batch
@@ -68,6 +68,10 @@ DTYPES = {"autocast": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.floa
 #: DeepSpeed's ZeRO-3 settings in ds_configs/zero3_offload.json that decide what stays on the GPU.
 ZERO3_PERSISTENCE_THRESHOLD = 100_000  # parameters with fewer elements are not partitioned
 ZERO3_REDUCE_BUCKET = 50_000_000  # elements, in the gradients' dtype
+#: DeepSpeed's defaults for stage3_max_live_parameters and stage3_max_reuse_distance (the config
+#: sets neither): up to this many gathered elements may stay on the GPU, and a parameter reused
+#: within this many elements is not released (in the forward + backward every one is).
+ZERO3_MAX_LIVE = 1_000_000_000
 _LAYER_NORM = torch.ops.aten.native_layer_norm.default
 
 
@@ -173,9 +177,9 @@ def static_bytes(engine: str, student: torch.nn.Module, teacher: torch.nn.Module
                       "fp32 gradient partition (step)": 4 * math.ceil(n / world)})
     elif engine == "zero3_offload":
         persistent = [p for p in params if p.numel() < ZERO3_PERSISTENCE_THRESHOLD]
-        blocks = [_nbytes(b.parameters()) for b in student.modules() if isinstance(b, Block)]
+        gathered = min(ZERO3_MAX_LIVE, sum(p.numel() for p in params if p.numel() >= ZERO3_PERSISTENCE_THRESHOLD))
         items.update({"persistent parameters": _nbytes(persistent),
-                      "two gathered blocks": 2 * max(blocks, default=0),
+                      "gathered parameters": gathered * params[0].element_size(),
                       "reduction bucket": ZERO3_REDUCE_BUCKET * params[0].element_size()})
     else:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -368,8 +372,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=2048, help="upper end of the --budget-gib search")
     p.add_argument("--granularity", type=int, default=8, help="the --budget-gib search's step")
     args = p.parse_args(argv)
+    if min(args.batch) < 1:
+        p.error(f"--batch must be positive, got {args.batch}")
+    if args.budget_gib is not None and args.budget_gib <= 0:
+        p.error(f"--budget-gib must be positive, got {args.budget_gib}")
+    if not 0 <= args.headroom < 1:
+        p.error(f"--headroom is a fraction in [0, 1), got {args.headroom}")
     precision = args.precision or ("autocast" if args.engine == "plain" else "bf16")
-    built = build(args.recipe, args.engine, precision, args.ckpt_every, not args.no_fold)
+    try:
+        built = build(args.recipe, args.engine, precision, args.ckpt_every, not args.no_fold)
+    except ValueError as e:
+        p.error(str(e))
 
     def run(b: int) -> Step:
         return simulate(args.recipe, b, args.engine, precision, args.ckpt_every, args.attention, not args.no_fold,
@@ -378,16 +391,15 @@ def main(argv=None) -> int:
           f"checkpointing every {args.ckpt_every or '-'} block(s), layer scale {'unfolded' if args.no_fold else 'folded'}, "
           f"world {args.world}; eager blocks, simulated on the CPU")
     print(HEADER)
-    first = None
+    seen = {}
     for b in args.batch:
-        s = run(b)
-        first = first or s
-        print(format_step(s), flush=True)
+        seen[b] = run(b)
+        print(format_step(seen[b]), flush=True)
+    first = seen[args.batch[0]]
     for name, n in first.static.items():
         print(f"#   static: {name} {n / GIB:.2f} GiB")
     if args.budget_gib:
         budget = args.budget_gib * (1 - args.headroom) * GIB
-        seen = {}
 
         def fits(b):
             if b not in seen:

@@ -8,7 +8,6 @@ from torch import nn
 
 from itpn.cli import memory
 from itpn.cli.memory import LiveBytes, build, cuda_forward_live, simulate, static_bytes, storage_keys
-from itpn.layers import Block
 
 
 def test_live_bytes_follows_what_autograd_keeps():
@@ -101,8 +100,9 @@ def test_static_bytes_per_engine():
     assert z1["weights"] == z1["flat gradients"] == 2 * n and z1["teacher weights"] == t
     assert z1["fp32 master + AdamW moments"] == 12 * -(-n // 4)
     z3 = static_bytes("zero3_offload", student, teacher.tower)
-    block = max(sum(p.numel() for p in b.parameters()) for b in student.modules() if isinstance(b, Block))
-    assert z3["two gathered blocks"] == 4 * block
+    small = sum(p.numel() for p in student.parameters() if p.numel() < memory.ZERO3_PERSISTENCE_THRESHOLD)
+    assert z3["persistent parameters"] == 2 * small
+    assert z3["gathered parameters"] == 2 * (n - small)
     assert z3["reduction bucket"] == 2 * memory.ZERO3_REDUCE_BUCKET
     with pytest.raises(ValueError, match="engine must be one of"):
         static_bytes("zero2", student, teacher)
@@ -128,3 +128,15 @@ def test_cli_finds_the_largest_batch_in_a_budget(capsys):
     best = int(out.strip().splitlines()[-1].split()[-1])
     assert 8 < best < 16 and best % 2 == 0
     assert simulate("tiny", best, built=built).peak <= budget < simulate("tiny", best + 2, built=built).peak
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be positive"),
+    (["--budget-gib", "-1"], "--budget-gib must be positive"),
+    (["--headroom", "1"], "--headroom is a fraction"),
+    (["--engine", "zero1", "--precision", "autocast"], "use --precision bf16"),
+])
+def test_cli_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        memory.main(["--recipe", "tiny", *argv])
+    assert message in capsys.readouterr().err
