@@ -222,14 +222,31 @@ def _layer_norm_as_cuda(input, *args, **kwargs):
         return _layer_norm(fp32(input), *[fp32(a) for a in args], **{k: fp32(v) for k, v in kwargs.items()})
 
 
+_softmax = torch.Tensor.softmax
+
+
+def _softmax_as_cuda(input, dim, dtype=None):
+    # CUDA's autocast runs a half-precision softmax without a dtype in fp32 ("fp32_set_opt_dtype").
+    if dtype is None and torch.is_autocast_enabled("cpu") and input.dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return _softmax(input, dim, dtype=dtype)
+
+
+@contextlib.contextmanager
 def cuda_autocast_policy():
     """For the duration, the CPU's autocast runs what CUDA's runs in fp32 but the CPU's in
     lower precision as CUDA does: LayerNorm (``F.layer_norm``, which ``nn.LayerNorm`` and
-    open_clip call), inputs cast to fp32, an fp32 result. A patch of the function rather than
-    a torch-function mode, so that a checkpointed block's recomputation in the backward follows
-    it too. ``simulate`` checks what is left of the two policies' difference by running the
-    student's forward on fake CUDA tensors as well."""
-    return patched([(torch.nn.functional, "layer_norm", _layer_norm_as_cuda)])
+    open_clip call) and ``Tensor.softmax`` (the naive attention's), an fp32 result. Patches of
+    the functions rather than a torch-function mode, so that a checkpointed block's
+    recomputation in the backward follows them too. ``simulate`` checks what is left of the two
+    policies' difference by running the student's forward on fake CUDA tensors as well."""
+    assert "softmax" not in torch.Tensor.__dict__  # TensorBase's: shadowed here, the shadow removed after
+    with patched([(torch.nn.functional, "layer_norm", _layer_norm_as_cuda)]):
+        torch.Tensor.softmax = _softmax_as_cuda
+        try:
+            yield
+        finally:
+            del torch.Tensor.softmax
 
 
 def build(recipe: str, engine: str, precision: str, ckpt_every: int = 0, fold: bool = True,
