@@ -22,22 +22,26 @@ below DeepSpeed's persistence threshold, the gathered ones (at most
 keep every gathered parameter of iTPN-L until its backward, so all are counted) and one
 gradient reduction bucket; each gradient leaves the GPU when the backward has produced it.
 
-Where the CPU is not CUDA: autocast's policy. Under CUDA autocast LayerNorm runs and returns
-fp32; under the CPU's it returns bf16. With autocast the student's forward is therefore run a
-second time with fake CUDA tensors and CUDA's autocast (a CUDA build of torch does that
-without a GPU), and the difference between the bytes each forward leaves alive is added to
-the peak. (The backward cannot run on fake CUDA tensors: autograd's CUDA worker thread needs
-a device.)
+Where the CPU is not CUDA: autocast's policy. CUDA's autocast runs LayerNorm and a
+half-precision softmax in fp32, the CPU's in bf16 / fp16. The simulation runs those two as CUDA
+does (``cuda_autocast_policy``, which the backward's recomputation of checkpointed blocks
+follows too). As a check of what else may differ, the student's forward is run a second time
+with fake CUDA tensors under CUDA's own autocast (a CUDA build of torch does that without a
+GPU), and the difference between the bytes the two forwards leave alive, 0 for our recipes,
+is added to the peak. (The backward cannot run on fake CUDA tensors: autograd's CUDA worker
+thread needs a device.)
 
-Not modelled: the CUDA context, cuBLAS and cuDNN workspaces and the caching allocator's
-fragmentation (``torch.cuda.max_memory_allocated``, which ``itpn-bench`` reports, counts none
-of them either), and compiled blocks: inductor's partitioner saves fewer tensors than eager
-(measured on an H100 at batch 128: 45.0 GiB compiled, 48.7 eager), so the eager peak bounds
-the compiled one. docs/performance.md compares the predictions with the measured peaks.
+Not modelled: the CUDA context and the caching allocator's fragmentation (neither is in
+``torch.cuda.max_memory_allocated``, which ``itpn-bench`` reports, but both take memory that
+a batch cannot have), workspaces that kernels allocate for themselves (cuBLAS, the
+memory-efficient attention's backward), and compiled blocks: inductor's partitioner saves
+fewer tensors than eager (measured on an H100 at batch 128: 45.0 GiB compiled, 48.7 eager), so
+the eager peak bounds the compiled one. docs/performance.md compares the predictions with the
+measured peaks; the budget search keeps ``--headroom`` (10%) free for what is not modelled.
 
     itpn-memory --recipe clip_l --batch 128 [--engine plain|zero1|zero3_offload]
-                [--precision autocast|bf16|fp16] [--ckpt-every N] [--attention sdpa|naive]
-                [--no-fold] [--budget-gib G]
+                [--precision autocast|fp16|fp32|bf16] [--ckpt-every N] [--attention sdpa|naive]
+                [--no-fold] [--world W] [--budget-gib G [--headroom F] [--granularity N]]
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..engine.build import apply_block_options, build_objective, build_teacher
+from ..engine.config import load_ds_fragments
 from ..layers.attention import attention_impl
 from ..objectives.pixel_mim import PixelMIM
 from .bench import RECIPES, largest_batch, load_recipe, make_batch
@@ -65,13 +70,18 @@ from .roofline import efficient_attention
 GIB = 2 ** 30
 ENGINES = ("plain", "zero1", "zero3_offload")
 DTYPES = {"autocast": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: DeepSpeed's ZeRO-3 settings in ds_configs/zero3_offload.json that decide what stays on the GPU.
-ZERO3_PERSISTENCE_THRESHOLD = 100_000  # parameters with fewer elements are not partitioned
-ZERO3_REDUCE_BUCKET = 50_000_000  # elements, in the gradients' dtype
-#: DeepSpeed's defaults for stage3_max_live_parameters and stage3_max_reuse_distance (the config
-#: sets neither): up to this many gathered elements may stay on the GPU, and a parameter reused
-#: within this many elements is not released (in the forward + backward every one is).
-ZERO3_MAX_LIVE = 1_000_000_000
+#: DeepSpeed 0.19's defaults of the ZeRO-3 settings that decide what stays on the GPU, where
+#: ds_configs/zero3_offload.json leaves them out. With stage3_max_reuse_distance at its default
+#: (1e9) a parameter reused within that many elements is not released, and in a forward +
+#: backward every one is, so up to stage3_max_live_parameters gathered elements stay.
+ZERO3_DEFAULTS = {"stage3_param_persistence_threshold": 100_000, "reduce_bucket_size": 500_000_000,
+                  "stage3_max_live_parameters": 1_000_000_000}
+
+
+def zero3_settings(fragment: str = "zero3_offload") -> dict:
+    """The ZeRO-3 settings above as the trainer's fragment (ds_configs/) sets them."""
+    z = load_ds_fragments([fragment])["zero_optimization"]
+    return {k: int(z.get(k, default)) for k, default in ZERO3_DEFAULTS.items()}
 _LAYER_NORM = torch.ops.aten.native_layer_norm.default
 
 
@@ -176,11 +186,13 @@ def static_bytes(engine: str, student: torch.nn.Module, teacher: torch.nn.Module
                       "fp32 master + AdamW moments": 12 * math.ceil(n / world),
                       "fp32 gradient partition (step)": 4 * math.ceil(n / world)})
     elif engine == "zero3_offload":
-        persistent = [p for p in params if p.numel() < ZERO3_PERSISTENCE_THRESHOLD]
-        gathered = min(ZERO3_MAX_LIVE, sum(p.numel() for p in params if p.numel() >= ZERO3_PERSISTENCE_THRESHOLD))
+        z = zero3_settings()
+        threshold = z["stage3_param_persistence_threshold"]
+        persistent = [p for p in params if p.numel() < threshold]
+        gathered = min(z["stage3_max_live_parameters"], sum(p.numel() for p in params if p.numel() >= threshold))
         items.update({"persistent parameters": _nbytes(persistent),
                       "gathered parameters": gathered * params[0].element_size(),
-                      "reduction bucket": ZERO3_REDUCE_BUCKET * params[0].element_size()})
+                      "reduction bucket": z["reduce_bucket_size"] * params[0].element_size()})
     else:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     return items

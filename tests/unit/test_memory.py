@@ -100,10 +100,13 @@ def test_static_bytes_per_engine():
     assert z1["weights"] == z1["flat gradients"] == 2 * n and z1["teacher weights"] == t
     assert z1["fp32 master + AdamW moments"] == 12 * -(-n // 4)
     z3 = static_bytes("zero3_offload", student, teacher.tower)
-    small = sum(p.numel() for p in student.parameters() if p.numel() < memory.ZERO3_PERSISTENCE_THRESHOLD)
+    z = memory.zero3_settings()
+    assert z["reduce_bucket_size"] == 50_000_000  # ds_configs/zero3_offload.json
+    assert z["stage3_max_live_parameters"] == 1_000_000_000  # DeepSpeed's default: the fragment leaves it out
+    small = sum(p.numel() for p in student.parameters() if p.numel() < z["stage3_param_persistence_threshold"])
     assert z3["persistent parameters"] == 2 * small
     assert z3["gathered parameters"] == 2 * (n - small)
-    assert z3["reduction bucket"] == 2 * memory.ZERO3_REDUCE_BUCKET
+    assert z3["reduction bucket"] == 2 * 50_000_000
     with pytest.raises(ValueError, match="engine must be one of"):
         static_bytes("zero2", student, teacher)
     with pytest.raises(ValueError, match="use --precision bf16"):
