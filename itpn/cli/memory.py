@@ -167,8 +167,8 @@ class Step:
         return sum(self.static.values()) + self.dynamic_peak + self.correction
 
 
-def _nbytes(params, dtype=None) -> int:
-    return sum(p.numel() * (dtype.itemsize if dtype else p.element_size()) for p in params)
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def static_bytes(engine: str, student: torch.nn.Module, teacher: torch.nn.Module | None, world: int = 1) -> dict:
