@@ -36,7 +36,8 @@ Not modelled: the CUDA context and the caching allocator's fragmentation (neithe
 a batch cannot have), workspaces that kernels allocate for themselves (cuBLAS, the
 memory-efficient attention's backward), and compiled blocks: inductor's partitioner saves
 fewer tensors than eager (measured on an H100 at batch 128: 45.0 GiB compiled, 48.7 eager), so
-the eager peak bounds the compiled one. docs/performance.md compares the predictions with the
+the eager peak bounds the compiled one. (They cannot be simulated this way: under a Python
+dispatch mode such as ``LiveBytes`` dynamo does not compile, it runs the frame eagerly.) docs/performance.md compares the predictions with the
 measured peaks; the budget search keeps ``--headroom`` (10%) free for what is not modelled.
 
     itpn-memory --recipe clip_l --batch 128 [--engine plain|zero1|zero3_offload]
