@@ -83,6 +83,8 @@ def zero3_settings(fragment: str = "zero3_offload") -> dict:
     """The ZeRO-3 settings above as the trainer's fragment (ds_configs/) sets them."""
     z = load_ds_fragments([fragment])["zero_optimization"]
     return {k: int(z.get(k, default)) for k, default in ZERO3_DEFAULTS.items()}
+
+
 _LAYER_NORM = torch.ops.aten.native_layer_norm.default
 
 
@@ -154,8 +156,9 @@ def swapped_weights(modules, convert):
 class Step:
     """A simulated step's bytes: the dynamic peak (activations, gradients, transients),
     what the student's forward leaves alive for the backward, the gradients at the end, the
-    autocast correction (CUDA's policy minus the CPU's, 0 without autocast) and the static
-    bytes (weights, optimizer state, engine buffers) by item."""
+    autocast correction (what a fake CUDA forward under CUDA's autocast saves beyond the
+    simulated one, which already follows CUDA's policy for LayerNorm and softmax; 0 without
+    autocast) and the static bytes (weights, optimizer state, engine buffers) by item."""
     batch: int
     dynamic_peak: int
     forward_live: int
@@ -262,6 +265,12 @@ def cuda_autocast_policy():
             del torch.Tensor.softmax
 
 
+def _attention(attention: str):
+    """Attention as CUDA runs it: "sdpa" on the memory-efficient kernel (an additive bias
+    rules out flash), anything else the named ``attention_impl``."""
+    return efficient_attention() if attention == "sdpa" else attention_impl(attention)
+
+
 def build(recipe: str, engine: str, precision: str, ckpt_every: int = 0, fold: bool = True,
           initialise: bool = False) -> tuple:
     """(config, student objective, teacher) on the CPU, held as ``engine`` holds them; weights
@@ -300,7 +309,6 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
     dtype, autocast = DTYPES[precision], engine == "plain" and precision != "fp32"
     tower = teacher.tower if teacher is not None else None
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    kinds = efficient_attention() if attention == "sdpa" else attention_impl(attention)
     handles = []
     # Pixel MIM checks a CPU mask's counts on the host, which a fake mask cannot answer.
     unchecked = patched([(PixelMIM, "_check_keep_counts", lambda self, mask: None)]) if fake \
@@ -314,7 +322,7 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
                 handles = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
             live = LiveBytes(keys)
             try:
-                with kinds, live:
+                with _attention(attention), live:
                     x, mask, tview = make_batch(cfg, batch, torch.device("cpu"))
                     if engine != "plain":
                         x, tview = x.to(dtype), (tview.to(dtype) if tview is not None else None)
@@ -365,9 +373,8 @@ def cuda_forward_live(cfg, student, batch: int, dtype, targets: torch.dtype | No
             if targets is not None:
                 kwargs["targets"] = torch.randn(batch, mask.shape[1], student.mfm_head.out_features, device="cuda",
                                                 dtype=targets)
-            kinds = efficient_attention() if attention == "sdpa" else attention_impl(attention)
             before = live.poll()
-            with kinds, _autocast("cuda", dtype, autocast):
+            with _attention(attention), _autocast("cuda", dtype, autocast):
                 loss = student(x, mask, **kwargs)["loss"]
             gc.collect()  # after autocast's cache of weight casts is cleared, as in simulate()
             after = live.poll()

@@ -78,8 +78,8 @@ def test_cpu_simulation_saves_what_a_cuda_forward_saves(monkeypatch):
     s = simulate("tiny", 4, "zero1", "bf16", built=built)
     targets = torch.float32  # the teacher's targets are LayerNormed in fp32
     assert cuda_forward_live(cfg, student, 4, torch.bfloat16, targets, autocast=False) == s.forward_live
-    # Under autocast they agree because the CPU run follows CUDA's policy for LayerNorm
-    # (cuda_autocast_policy); with the CPU's own policy the CUDA forward saves more.
+    # Under autocast they agree because the CPU run follows CUDA's policy for LayerNorm and
+    # softmax (cuda_autocast_policy); with the CPU's own policy the CUDA forward saves more.
     cfg, student, _ = built = build("tiny", "plain", "autocast")
     a = simulate("tiny", 4, built=built)
     assert a.correction == 0
@@ -108,7 +108,7 @@ def test_static_bytes_per_engine():
     assert z3["gathered parameters"] == 2 * (n - small)
     assert z3["reduction bucket"] == 2 * 50_000_000
     with pytest.raises(ValueError, match="engine must be one of"):
-        static_bytes("zero2", student, teacher)
+        static_bytes("zero2", student, teacher.tower)
     with pytest.raises(ValueError, match="use --precision bf16"):
         build("tiny", "zero1", "autocast")
 
