@@ -415,6 +415,10 @@ def main(argv=None) -> int:
         p.error(f"--budget-gib must be positive, got {args.budget_gib}")
     if not 0 <= args.headroom < 1:
         p.error(f"--headroom is a fraction in [0, 1), got {args.headroom}")
+    for flag, value, least in (("--world", args.world, 1), ("--granularity", args.granularity, 1),
+                               ("--max-batch", args.max_batch, 1), ("--ckpt-every", args.ckpt_every, 0)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
     precision = args.precision or ("autocast" if args.engine == "plain" else "bf16")
     try:
         built = build(args.recipe, args.engine, precision, args.ckpt_every, not args.no_fold)

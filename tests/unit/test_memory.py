@@ -136,6 +136,9 @@ def test_cli_finds_the_largest_batch_in_a_budget(capsys):
     (["--budget-gib", "-1"], "--budget-gib must be positive"),
     (["--headroom", "1"], "--headroom is a fraction"),
     (["--engine", "zero1", "--precision", "autocast"], "use --precision bf16"),
+    (["--world", "0"], "--world must be at least 1, got 0"),
+    (["--granularity", "0"], "--granularity must be at least 1, got 0"),
+    (["--ckpt-every", "-1"], "--ckpt-every must be at least 0, got -1"),
 ])
 def test_cli_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
