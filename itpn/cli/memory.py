@@ -31,26 +31,37 @@ GPU), and the difference between the bytes the two forwards leave alive, 0 for o
 is added to the peak. (The backward cannot run on fake CUDA tensors: autograd's CUDA worker
 thread needs a device.)
 
+Compiled blocks (``--compiled``, the trainer's and ``itpn-bench``'s default ``fold`` setting):
+each block signature is compiled once, before the simulation, by dynamo and inductor's own
+``compile_fx`` (its joint-graph passes and partitioner: the tensors saved for the backward are
+the ones the trainer's compiled blocks save), but the partitioned ATen graphs are not lowered:
+they run op by op inside the simulation (``FusedGraph``), and the results that inductor would
+fuse into its kernels (pointwise chains that no GEMM, attention or other library kernel reads,
+``materialised``) are not counted. Dynamo does not trace under a Python dispatch mode such as
+``LiveBytes``, hence the compile first, on real uninitialised inputs of the recipe's shapes,
+with a backend that computes nothing. The teacher's blocks stay eager, as ``fold`` runs them.
+
 Not modelled: the CUDA context and the caching allocator's fragmentation (neither is in
 ``torch.cuda.max_memory_allocated``, which ``itpn-bench`` reports, but both take memory that
 a batch cannot have), workspaces that kernels allocate for themselves (cuBLAS, the
-memory-efficient attention's backward), and compiled blocks: inductor's partitioner saves
-fewer tensors than eager (measured on an H100 at batch 128: 45.0 GiB compiled, 48.7 eager), so
-the eager peak bounds the compiled one. (They cannot be simulated this way: under a Python
-dispatch mode such as ``LiveBytes`` dynamo does not compile, it runs the frame eagerly.) docs/performance.md compares the predictions with the
-measured peaks; the budget search keeps ``--headroom`` (10%) free for what is not modelled.
+memory-efficient attention's backward), and where inductor writes a fused result into the
+buffer of an input that dies with it (counted as a new buffer). docs/performance.md compares
+the predictions with the measured peaks; the budget search keeps ``--headroom`` (10%) free for
+what is not modelled.
 
     itpn-memory --recipe clip_l --batch 128 [--engine plain|zero1|zero3_offload]
                 [--precision autocast|fp16|fp32|bf16] [--ckpt-every N] [--attention sdpa|naive]
-                [--no-fold] [--world W] [--budget-gib G [--headroom F] [--granularity N]]
+                [--no-fold] [--compiled] [--world W] [--budget-gib G [--headroom F] [--granularity N]]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -62,6 +73,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..engine.build import apply_block_options, build_objective, build_teacher
 from ..engine.config import load_ds_fragments
+from ..layers import Block
 from ..layers.attention import attention_impl
 from ..objectives.pixel_mim import PixelMIM
 from .bench import RECIPES, largest_batch, load_recipe, make_batch
@@ -91,13 +103,37 @@ _LAYER_NORM = torch.ops.aten.native_layer_norm.default
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages that operations create and that are still alive: ``total`` now,
     ``peak`` the largest total after any operation. Storages in ``exclude`` (the weights) and
-    storages that existed before the mode are not counted. Works on real and fake tensors."""
+    storages that existed before the mode are not counted, nor those made inside
+    ``uncounted()`` (a compiled graph's fused intermediates, ``FusedGraph``). Works on real
+    and fake tensors. ``LiveBytes.active``: the innermost one entered, or None."""
+
+    active: LiveBytes | None = None
 
     def __init__(self, exclude=()):
         super().__init__()
         self.exclude = set(exclude)
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.virtual: dict[int, StorageWeakRef] = {}
         self.total = self.peak = 0
+        self.counting = True
+        self._outer = None
+
+    def __enter__(self):
+        self._outer, LiveBytes.active = LiveBytes.active, self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        LiveBytes.active = self._outer
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Storages made inside are not counted, nor later views of them."""
+        was, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = was
 
     def poll(self) -> int:
         """Forgets the storages freed since the last call; returns ``total``. (A storage's
@@ -105,6 +141,8 @@ class LiveBytes(TorchDispatchMode):
         expired = torch.UntypedStorage._expired
         for key in [k for k in self.live if expired(k)]:
             self.total -= self.live.pop(key)[1]
+        for key in [k for k in self.virtual if expired(k)]:
+            del self.virtual[key]
         return self.total
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -115,14 +153,116 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 ref = StorageWeakRef(storage)
-                if ref.cdata not in self.live and ref.cdata not in self.exclude:
-                    n = storage.nbytes()
-                    if func is _LAYER_NORM and i > 0:  # mean and rstd: fp32 from the CPU's and CUDA's kernels,
-                        n = t.numel() * 4  # from the meta kernel in the input's dtype on the CPU
-                    self.live[ref.cdata] = (ref, n)
-                    self.total += n
+                key = ref.cdata
+                if key in self.live or key in self.exclude or key in self.virtual:
+                    continue
+                if not self.counting:
+                    self.virtual[key] = ref
+                    continue
+                n = storage.nbytes()
+                if func is _LAYER_NORM and i > 0:  # mean and rstd: fp32 from the CPU's and CUDA's kernels,
+                    n = t.numel() * 4  # from the meta kernel in the input's dtype on the CPU
+                self.live[key] = (ref, n)
+                self.total += n
         self.peak = max(self.peak, self.total)
         return out
+
+
+#: Ops that inductor lowers to loops it can fuse into their consumers, besides those tagged
+#: pointwise: constants, its own random numbers, gathers (indirect loads).
+_FUSIBLE = ("aten.full.default", "aten.scalar_tensor.default", "aten.zeros.default", "aten.ones.default",
+            "aten.iota.default", "aten.index.Tensor", "prims.inductor_random.default",
+            "prims.inductor_lookup_seed.default", "prims.iota.default")
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and any(r.alias_info is not None
+                                                               for r in target._schema.returns)
+
+
+def _kind(node: torch.fx.Node) -> str:
+    """"view" (no memory of its own), "fusible" (pointwise: computed inside its consumers'
+    kernels unless inductor writes it out), "reduction" (written out; reads its pointwise
+    inputs inside its own kernel) or "extern" (a library kernel or fallback: GEMMs, attention,
+    concatenation; written out, and so is every input it reads)."""
+    if node.op != "call_function":
+        return "other"
+    target = node.target
+    if target is operator.getitem or _is_view(node):
+        return "view"
+    tags = getattr(target, "tags", ())
+    if torch.Tag.pointwise in tags or str(target) in _FUSIBLE:
+        return "fusible"
+    if torch.Tag.reduction in tags:
+        return "reduction"
+    return "extern"
+
+
+def materialised(graph: torch.fx.Graph, reads_threshold: int = 4) -> set:
+    """The nodes of a partitioned ATen graph whose outputs inductor writes to memory, by its
+    rules, simplified: every non-pointwise result (reductions, GEMMs, attention, fallbacks);
+    the graph's outputs (what the forward saves for the backward, and the results); pointwise
+    results that an extern kernel reads (through views too: it reads memory); and a pointwise
+    result with more than one user whose computation reads more than ``reads_threshold``
+    written-out tensors (inductor's ``realize_reads_threshold``: it writes such a result once
+    instead of recomputing it in each user). Every other pointwise result is fused into the
+    kernels of its users and never allocated."""
+    nodes = list(graph.nodes)
+    kind = {n: _kind(n) for n in nodes}
+    out: set = set()
+
+    def force(n):
+        while isinstance(n, torch.fx.Node) and kind[n] == "view":  # a view is its base's memory
+            n = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        if isinstance(n, torch.fx.Node) and kind[n] == "fusible":
+            out.add(n)
+    for n in nodes:
+        if kind[n] in ("reduction", "extern"):
+            out.add(n)
+        if kind[n] == "extern":
+            for a in n.all_input_nodes:
+                force(a)
+        if n.op == "output":
+            for a in n.all_input_nodes:
+                force(a)
+    reads: dict = {}  # for each fused result, the written-out tensors its computation reads
+    for n in nodes:
+        if kind[n] in ("fusible", "view") and n not in out:
+            r = set()
+            for a in n.all_input_nodes:
+                r |= reads.get(a, {a}) if (kind[a] in ("fusible", "view") and a not in out) else {a}
+            reads[n] = r
+            if kind[n] == "fusible" and len(n.users) > 1 and len(r) > reads_threshold:
+                out.add(n)
+                reads[n] = {n}
+    return out
+
+
+class FusedGraph(torch.fx.Interpreter):
+    """Runs a partitioned ATen graph op by op, freeing each value after its last use, with
+    the results inductor would fuse away (not in ``materialised``) left out of the active
+    ``LiveBytes``: what the compiled kernels would allocate, without compiling them."""
+
+    def __init__(self, module: torch.fx.GraphModule):
+        super().__init__(module, garbage_collect_values=True)
+        self.keep = materialised(module.graph)
+
+    def run_node(self, n):
+        live = LiveBytes.active
+        if live is None or n.op != "call_function" or n in self.keep:
+            return super().run_node(n)
+        with live.uncounted():
+            return super().run_node(n)
+
+
+def _fused_graph(graph: torch.fx.GraphModule, example_inputs, **kwargs):
+    """An ``inner_compile`` for inductor's ``compile_fx``: the graph, run by ``FusedGraph``
+    (boxed: the argument list is cleared, so the inputs can be freed as the graph goes)."""
+    def run(args):
+        return FusedGraph(graph).boxed_run(args)
+    run._boxed_call = True
+    return run
 
 
 def storage_keys(modules) -> set:
@@ -296,30 +436,82 @@ def build(recipe: str, engine: str, precision: str, ckpt_every: int = 0, fold: b
     return cfg, student, teacher
 
 
+def _inputs(cfg, teacher, batch: int, engine: str, dtype, autocast: bool, live: LiveBytes | None = None) -> tuple:
+    """The step's batch (``make_batch``) as the engine feeds it and the teacher's targets:
+    ``(x, mask, kwargs)``; ``live``: polled after the teacher's input is dropped, so that the
+    caller can tell what the student's forward adds."""
+    x, mask, tview = make_batch(cfg, batch, torch.device("cpu"))
+    if engine != "plain":
+        x, tview = x.to(dtype), (tview.to(dtype) if tview is not None else None)
+    kwargs = {}
+    if teacher is not None:
+        with torch.no_grad(), _autocast("cpu", dtype, autocast):
+            kwargs["targets"] = teacher(tview)
+    del tview
+    if live is not None:
+        live.poll()
+    return x, mask, kwargs
+
+
+def _no_mask_check(fake: bool):
+    # Pixel MIM checks a CPU mask's counts on the host, which a fake mask cannot answer.
+    return patched([(PixelMIM, "_check_keep_counts", lambda self, mask: None)]) if fake else contextlib.nullcontext()
+
+
 def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "autocast", ckpt_every: int = 0,
              attention: str = "sdpa", fold: bool = True, world: int = 1, cuda_policy: bool = True,
-             built: tuple | None = None, fake: bool = True) -> Step:
+             built: tuple | None = None, fake: bool = True, compiled: bool = False, graphs: dict | None = None) -> Step:
     """One step of ``recipe`` at ``batch``, simulated (see the module docstring). ``built``:
     what ``build`` returned for the same arguments, to simulate several batches from one build.
     ``cuda_policy``: add the autocast correction (skipped with a warning where torch cannot
     make fake CUDA tensors: a CPU-only build). ``fake=False`` runs the same step with real
     tensors (``attention="naive"``, which runs on the CPU): the tests check the simulation
-    against it, on a ``build(..., initialise=True)``."""
+    against it, on a ``build(..., initialise=True)``. ``compiled``: every block runs as the
+    trainer's compiled blocks run, saving for the backward what inductor's partitioner saves
+    (``compiled_block_forwards``; ``graphs``: its cache, to share the compiled graphs between
+    calls at one batch)."""
     cfg, student, teacher = built or build(recipe, engine, precision, ckpt_every, fold)
     dtype, autocast = DTYPES[precision], engine == "plain" and precision != "fp32"
     tower = teacher.tower if teacher is not None else None
+    run = functools.partial(_run, cfg, student, teacher, batch, engine, dtype, autocast, attention, fake)
+    forwards, eager_forward_live = [], None
+    if compiled:
+        calls = {}
+        _, eager_forward_live, _, _ = run(backward=False, record=calls)
+        forwards = compiled_block_forwards(calls, dtype, autocast, attention, graphs)
+    live, forward_live, grads, targets = run(forwards=forwards)
+    correction = 0
+    if autocast and cuda_policy:
+        try:  # the check forward runs eager blocks: compared with the eager forward
+            correction = cuda_forward_live(cfg, student, batch, dtype, targets, attention) \
+                - (forward_live if eager_forward_live is None else eager_forward_live)
+        except (RuntimeError, AssertionError) as e:
+            warnings.warn(f"itpn-memory: no fake CUDA tensors here ({e}); the peak is the CPU autocast "
+                          "policy's, without the correction for CUDA's", stacklevel=2)
+    return Step(batch, live.peak, forward_live, grads, correction, static_bytes(engine, student, tower, world))
+
+
+def _run(cfg, student, teacher, batch: int, engine: str, dtype, autocast: bool, attention: str, fake: bool,
+         backward: bool = True, forwards: list = (), record: dict | None = None) -> tuple:
+    """``simulate``'s step: ``(LiveBytes, bytes the student's forward leaves alive, gradient
+    bytes, the targets' dtype or None)``. ``forwards``: ``(block, "_compiled_forward",
+    function)`` patches for the duration; ``record``: filled with each block's inputs
+    (``_record_block_inputs``); ``backward=False``: the forward only."""
+    tower = teacher.tower if teacher is not None else None
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    handles = []
     # Pixel MIM checks a CPU mask's counts on the host, which a fake mask cannot answer.
     unchecked = patched([(PixelMIM, "_check_keep_counts", lambda self, mask: None)]) if fake \
         else contextlib.nullcontext()
-    with mode, unchecked, cuda_autocast_policy():
+    handles = []
+    with mode, unchecked, cuda_autocast_policy(), patched(list(forwards)):
         weights = swapped_weights([m for m in (student, tower) if m is not None], mode.from_tensor) if fake \
             else contextlib.nullcontext(storage_keys([student, tower]))
         with weights as keys:
             params = [p for p in student.parameters() if p.requires_grad]
-            if engine == "zero3_offload":  # each gradient is reduced into the bucket and moved to the host
+            if engine == "zero3_offload" and backward:  # each gradient is reduced into the bucket and moved to the host
                 handles = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
+            if record is not None:
+                handles += _record_block_inputs(student, record)
             live = LiveBytes(keys)
             try:
                 with _attention(attention), live:
@@ -336,7 +528,8 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
                         loss = student(x, mask, **kwargs)["loss"]
                     gc.collect()
                     forward_live = live.poll() - before
-                    loss.backward()
+                    if backward:
+                        loss.backward()
                     targets = kwargs["targets"].dtype if teacher is not None else None
                     del loss, x, mask, kwargs
                     gc.collect()
@@ -346,14 +539,112 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
                     h.remove()
                 for p in params:
                     p.grad = None
-    correction = 0
-    if autocast and cuda_policy:
-        try:
-            correction = cuda_forward_live(cfg, student, batch, dtype, targets, attention) - forward_live
-        except (RuntimeError, AssertionError) as e:
-            warnings.warn(f"itpn-memory: no fake CUDA tensors here ({e}); the peak is the CPU autocast "
-                          "policy's, without the correction for CUDA's", stacklevel=2)
-    return Step(batch, live.peak, forward_live, grads, correction, static_bytes(engine, student, tower, world))
+    return live, forward_live, grads, targets
+
+
+def _meta(t):
+    """What a compiled graph specialises on in an input: shape, strides, dtype, requires_grad."""
+    return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, t.requires_grad)
+
+
+def _record_block_inputs(module, record: dict) -> list:
+    """Forward pre-hooks that fill ``record``: for each distinct compiled-graph signature of
+    a block call (the block's parameters, buffers and settings, its inputs' metadata), the
+    first block with it, the blocks that share it, and the inputs' metadata. Returns the
+    hooks' handles."""
+    def hook(block, args, kwargs):
+        names = ("x", "rel_index", "rel_grid")
+        bound = {**dict(zip(names, args)), **kwargs}
+        x, rel_index, rel_grid = (bound.get(n) for n in names)
+        key = (tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in block.named_parameters()),
+               tuple((n, tuple(b.shape), b.dtype) for n, b in block.named_buffers()),
+               block.has_attn, block.layer_scale, block.fold_layer_scale, block.drop_path.enabled,
+               block.mlp.fused, _meta(x), _meta(rel_index), rel_grid)
+        entry = record.setdefault(key, {"key": key, "block": block, "blocks": [], "x": _meta(x),
+                                        "rel_index": _meta(rel_index), "rel_grid": rel_grid})
+        if all(b is not block for b in entry["blocks"]):
+            entry["blocks"].append(block)
+    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules() if isinstance(m, Block)]
+
+
+def _capture(out: dict):
+    """A dynamo backend that keeps, in ``out``, inductor's forward + backward for the graph
+    (``compile_fx``: its joint-graph passes and its partitioner, so the tensors saved for the
+    backward are the ones the trainer's compiled blocks save), with each partitioned ATen graph
+    left unlowered (run by ``FusedGraph``), and the graph's inputs as dynamo names them. To dynamo it returns a stand-in that only makes
+    outputs of the right shapes, so the compile at a recipe's batch computes nothing."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(graph, example_inputs):
+        sources = []
+        for node in graph.graph.nodes:
+            if node.op == "placeholder":
+                name = node.meta["grapharg"].source.name
+                sources.append(name() if callable(name) else name)  # a method in torch 2.11, a property in 2.14
+        (outputs,) = [node.args[0] for node in graph.graph.nodes if node.op == "output"]
+        metas = [node.meta["example_value"] for node in outputs]
+        with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False), \
+                inductor_config.patch(fx_graph_cache=False):
+            out["fn"] = compile_fx(graph, example_inputs, inner_compile=_fused_graph)
+        out["sources"], out["outputs"] = sources, len(metas)
+
+        def stand_in(*args):
+            return tuple(torch.empty_strided(m.shape, m.stride(), dtype=m.dtype) for m in metas)
+        return stand_in
+    return backend
+
+
+def _compiled_forward(captured: dict):
+    """``Block._compiled_forward`` from ``_capture``'s graph: the block's parameters and
+    inputs passed as dynamo's graph takes them (names such as ``L['self']._modules['mlp']...``)."""
+    code = [(s, compile(s, "<dynamo source>", "eval")) for s in captured["sources"]]
+    fn = captured["fn"]
+    if captured["outputs"] != 1:
+        raise RuntimeError(f"itpn-memory: a compiled block's graph returns {captured['outputs']} tensors, not 1")
+
+    def forward(block, x, rel_index=None, rel_grid=None):
+        scope = {"L": {"self": block, "x": x, "rel_index": rel_index, "rel_grid": rel_grid}}
+        args = []
+        for source, c in code:
+            try:
+                args.append(eval(c, {}, scope))  # noqa: S307 (dynamo's own source expressions)
+            except (KeyError, NameError, AttributeError) as e:
+                raise RuntimeError(f"itpn-memory: a compiled block's graph input {source} is not one of "
+                                   f"the block's arguments or attributes ({e})") from None
+        return fn(*args)[0]
+    return forward
+
+
+def compiled_block_forwards(calls: dict, dtype, autocast: bool, attention: str, graphs: dict | None = None) -> list:
+    """For each signature in ``calls`` (``_record_block_inputs``), the block compiled as the
+    trainer compiles it (``Block.compile``: one region per block, static shapes) with a
+    backend that keeps inductor's partitioned graphs (``_capture``); returns the patches
+    ``(block, "_compiled_forward", function)`` that make every recorded block run them.
+    Compiled on the CPU with real, uninitialised inputs under the simulation's autocast,
+    CUDA policy and attention (dynamo does not trace under the simulation's dispatch modes).
+    ``graphs``: a cache of the compiled graphs by signature, filled here."""
+    graphs = {} if graphs is None else graphs
+    patches = []
+    with cuda_autocast_policy(), _attention(attention), _autocast("cpu", dtype, autocast):
+        for entry in calls.values():
+            key = (entry["key"], dtype, autocast, attention)
+            if key not in graphs:
+                shape, stride, xdtype, grad = entry["x"]
+                x = torch.empty_strided(shape, stride, dtype=xdtype).requires_grad_(grad)
+                rel_index = None if entry["rel_index"] is None else torch.zeros(entry["rel_index"][0],
+                                                                                 dtype=entry["rel_index"][2])
+                captured = {}
+                torch._dynamo.reset()
+                torch.compile(Block._forward, backend=_capture(captured), dynamic=False)(
+                    entry["block"], x, rel_index, entry["rel_grid"])
+                if "fn" not in captured:
+                    raise RuntimeError("itpn-memory: dynamo compiled no graph for a block (a graph break?)")
+                graphs[key] = _compiled_forward(captured)
+            patches += [(block, "_compiled_forward", graphs[key]) for block in entry["blocks"]]
+    torch._dynamo.reset()
+    return patches
 
 
 def cuda_forward_live(cfg, student, batch: int, dtype, targets: torch.dtype | None, attention: str = "sdpa",
@@ -402,6 +693,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N-th block (0: none)")
     p.add_argument("--attention", choices=("sdpa", "naive"), default="sdpa")
     p.add_argument("--no-fold", action="store_true", help="layer scale as a separate multiply (the reference's form)")
+    p.add_argument("--compiled", action="store_true",
+                   help="blocks as the trainer compiles them (inductor's saved tensors and fused intermediates)")
     p.add_argument("--world", type=int, default=1, help="ranks the ZeRO partitions are split over")
     p.add_argument("--budget-gib", type=float, help="also search the largest batch whose peak fits in this many GiB")
     p.add_argument("--headroom", type=float, default=0.10,
@@ -427,10 +720,10 @@ def main(argv=None) -> int:
 
     def run(b: int) -> Step:
         return simulate(args.recipe, b, args.engine, precision, args.ckpt_every, args.attention, not args.no_fold,
-                        args.world, built=built)
+                        args.world, built=built, compiled=args.compiled)
     print(f"# itpn-memory: {args.recipe}, engine {args.engine}, {precision}, attention {args.attention}, "
           f"checkpointing every {args.ckpt_every or '-'} block(s), layer scale {'unfolded' if args.no_fold else 'folded'}, "
-          f"world {args.world}; eager blocks, simulated on the CPU")
+          f"world {args.world}; {'compiled' if args.compiled else 'eager'} blocks, simulated on the CPU")
     print(HEADER)
     seen = {}
     for b in args.batch:

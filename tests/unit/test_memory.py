@@ -144,3 +144,100 @@ def test_cli_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         memory.main(["--recipe", "tiny", *argv])
     assert message in capsys.readouterr().err
+
+
+def _graph_for_fusion():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w, a, b, c, d):
+        h = (x * 2 + 1).exp()  # read by a GEMM (through a view): written out
+        y = h.view(-1, 32) @ w  # a GEMM: written out
+        s = x.sin()  # read by a reduction only: fused into it
+        m = a + b + c + d + x  # read by two reductions and computed from five tensors: written out once
+        return y.sum() + s.sum() + m.sum() + m.amax()
+    torch.manual_seed(0)
+    inputs = [torch.randn(64, 32), torch.randn(32, 16), *[torch.randn(64, 32) for _ in range(4)]]
+    return make_fx(f)(*inputs), inputs
+
+
+def test_materialised_follows_inductors_rules():
+    g, _ = _graph_for_fusion()
+    written = memory.materialised(g.graph)
+    assert [str(n.target) for n in g.graph.nodes if n in written] == [
+        "aten.exp.default",  # h: the GEMM reads it (the multiply and add before it are fused into it)
+        "aten.mm.default",
+        "aten.add.Tensor",  # m, the last of its four additions (the three before are fused into it)
+        "aten.sum.default", "aten.sum.default",  # y.sum(); s.sum(), with sin fused into it
+        "aten.sum.default", "aten.amax.default",  # m's two reductions
+        "aten.add.Tensor",  # the result: the graph's output (the two additions before are fused into it)
+    ]
+    m = [n for n in g.graph.nodes if str(n.target) == "aten.add.Tensor"][4]  # after x * 2 + 1's add, m's four
+    assert m in written and len(m.users) == 2
+    assert memory.materialised(g.graph, reads_threshold=5) == written - {m}  # five reads are not more than five
+
+
+def test_fused_graph_counts_only_what_is_written():
+    g, inputs = _graph_for_fusion()
+    eager = LiveBytes(storage_keys([]))
+    with eager:
+        g(*inputs)
+    fused = LiveBytes()
+    with fused:
+        (out,) = [memory.FusedGraph(g).boxed_run(list(inputs))]
+    h, y, m = 64 * 32 * 4, 64 * 16 * 4, 64 * 32 * 4
+    # In the graph's order (the code make_fx wrote): h and the GEMM's output y live together
+    # (h + y); h is freed after the GEMM; m is written while y waits for its sum, and that sum
+    # is the largest moment: y + m + 4 bytes. The fused chains (x * 2 + 1, sin, m's first
+    # three additions) are never counted.
+    assert fused.peak == max(h + y, y + m + 4) == y + m + 4
+    assert fused.poll() == 4  # the result alone is left
+    assert eager.peak > fused.peak  # the graph run with every intermediate allocated
+    torch.testing.assert_close(out, g(*inputs))
+
+
+def test_compiled_step_fake_equals_real_and_saves_less_than_eager():
+    built = build("tiny", "plain", "autocast", initialise=True)
+    args = dict(recipe="tiny", batch=4, attention="naive", built=built, cuda_policy=False)
+    graphs = {}
+    fake = simulate(**args, compiled=True, graphs=graphs)
+    n = len(graphs)
+    real = simulate(**args, compiled=True, graphs=graphs, fake=False)
+    assert len(graphs) == n > 1  # one graph per block signature, shared by both runs
+    assert (fake.dynamic_peak, fake.forward_live, fake.grads) == (real.dynamic_peak, real.forward_live, real.grads)
+    eager = simulate(**args)
+    assert fake.grads == eager.grads
+    # inductor's partitioner recomputes cheap pointwise results in the backward instead of saving them
+    assert fake.forward_live < eager.forward_live
+    assert fake.dynamic_peak < eager.dynamic_peak
+
+
+def test_compiled_block_saves_what_inductor_saves():
+    # The tensors our capture saves for the backward are the ones torch.compile's inductor
+    # saves for the same block (compiled for the CPU here: the partition is the same).
+    from itpn.layers import Block
+    torch.manual_seed(0)
+    block = Block(32, num_heads=2, drop_path=0.1, layer_scale=0.1).train()
+    x = torch.randn(2, 8, 32, requires_grad=True)
+
+    def saved(forward):
+        sizes = []
+
+        def pack(t):
+            sizes.append((tuple(t.shape), t.dtype))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            forward(block, x, None, None)
+        return sorted(sizes, key=str)
+    torch._dynamo.reset()
+    with memory.cuda_autocast_policy(), memory._attention("naive"):  # as compiled_block_forwards compiles
+        real = saved(torch.compile(Block._forward, dynamic=False))
+    calls = {}
+    handles = memory._record_block_inputs(block, calls)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    for h in handles:
+        h.remove()
+    ((_, _, forward),) = memory.compiled_block_forwards(calls, torch.bfloat16, True, "naive")
+    ours = saved(forward)
+    torch._dynamo.reset()
+    assert ours == real and len(ours) > 4
