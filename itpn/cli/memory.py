@@ -439,28 +439,6 @@ def build(recipe: str, engine: str, precision: str, ckpt_every: int = 0, fold: b
     return cfg, student, teacher
 
 
-def _inputs(cfg, teacher, batch: int, engine: str, dtype, autocast: bool, live: LiveBytes | None = None) -> tuple:
-    """The step's batch (``make_batch``) as the engine feeds it and the teacher's targets:
-    ``(x, mask, kwargs)``; ``live``: polled after the teacher's input is dropped, so that the
-    caller can tell what the student's forward adds."""
-    x, mask, tview = make_batch(cfg, batch, torch.device("cpu"))
-    if engine != "plain":
-        x, tview = x.to(dtype), (tview.to(dtype) if tview is not None else None)
-    kwargs = {}
-    if teacher is not None:
-        with torch.no_grad(), _autocast("cpu", dtype, autocast):
-            kwargs["targets"] = teacher(tview)
-    del tview
-    if live is not None:
-        live.poll()
-    return x, mask, kwargs
-
-
-def _no_mask_check(fake: bool):
-    # Pixel MIM checks a CPU mask's counts on the host, which a fake mask cannot answer.
-    return patched([(PixelMIM, "_check_keep_counts", lambda self, mask: None)]) if fake else contextlib.nullcontext()
-
-
 def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "autocast", ckpt_every: int = 0,
              attention: str = "sdpa", fold: bool = True, world: int = 1, cuda_policy: bool = True,
              built: tuple | None = None, fake: bool = True, compiled: bool = False, graphs: dict | None = None) -> Step:
@@ -574,18 +552,15 @@ def _capture(out: dict):
     """A dynamo backend that keeps, in ``out``, inductor's forward + backward for the graph
     (``compile_fx``: its joint-graph passes and its partitioner, so the tensors saved for the
     backward are the ones the trainer's compiled blocks save), with each partitioned ATen graph
-    left unlowered (run by ``FusedGraph``), and the graph's inputs as dynamo names them. To dynamo it returns a stand-in that only makes
-    outputs of the right shapes, so the compile at a recipe's batch computes nothing."""
+    left unlowered (run by ``FusedGraph``), and the graph's inputs as dynamo names them. To
+    dynamo it returns a stand-in that only makes outputs of the right shapes, so the compile at
+    a recipe's batch computes nothing."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     def backend(graph, example_inputs):
-        sources = []
-        for node in graph.graph.nodes:
-            if node.op == "placeholder":
-                name = node.meta["grapharg"].source.name
-                sources.append(name() if callable(name) else name)  # a method in torch 2.11, a property in 2.14
+        sources = [node.meta["grapharg"].source.name for node in graph.graph.nodes if node.op == "placeholder"]
         (outputs,) = [node.args[0] for node in graph.graph.nodes if node.op == "output"]
         metas = [node.meta["example_value"] for node in outputs]
         with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False), \
