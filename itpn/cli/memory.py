@@ -4,7 +4,8 @@ offload in a 24 GiB budget).
 
 Simulated, op by op, with fake tensors (nothing is allocated, so iTPN-L at batch 384 runs on a
 laptop in under a minute): the teacher's forward and the student's forward and backward at
-the recipe's batch, as ``itpn-bench``'s step runs them. A dispatch mode records each storage
+the recipe's batch, as ``itpn-bench``'s step runs them (its synthetic batch, the teacher's
+view included, stays alive for the whole step). A dispatch mode records each storage
 an operation creates, its size, and when it is freed; the peak is the largest sum alive after
 any operation. Attention runs as CUDA runs it with an additive bias: SDPA's memory-efficient
 kernel, whose meta kernel gives what it saves (bf16 q, k, v and output, an fp32 log-sum-exp)
@@ -496,14 +497,14 @@ def _run(cfg, student, teacher, batch: int, engine: str, dtype, autocast: bool, 
             live = LiveBytes(keys)
             try:
                 with _attention(attention), live:
-                    x, mask, tview = make_batch(cfg, batch, torch.device("cpu"))
+                    # itpn-bench's synthetic batch, alive for the whole step (the engines get a cast copy)
+                    x, mask, tview = fixed = make_batch(cfg, batch, torch.device("cpu"))
                     if engine != "plain":
-                        x, tview = x.to(dtype), (tview.to(dtype) if tview is not None else None)
+                        x = x.to(dtype)
                     kwargs = {}
                     if teacher is not None:
                         with torch.no_grad(), _autocast("cpu", dtype, autocast):
-                            kwargs["targets"] = teacher(tview)
-                    del tview
+                            kwargs["targets"] = teacher(tview if engine == "plain" else tview.to(dtype))
                     before = live.poll()
                     with _autocast("cpu", dtype, autocast):
                         loss = student(x, mask, **kwargs)["loss"]
@@ -512,7 +513,7 @@ def _run(cfg, student, teacher, batch: int, engine: str, dtype, autocast: bool, 
                     if backward:
                         loss.backward()
                     targets = kwargs["targets"].dtype if teacher is not None else None
-                    del loss, x, mask, kwargs
+                    del loss, x, mask, tview, fixed, kwargs
                     gc.collect()
                     grads = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
             finally:
