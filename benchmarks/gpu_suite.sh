@@ -126,10 +126,10 @@ case "${1:?part: first | second | third | fourth | fifth | teacher | check | cli
   memory)  # every probe recompiles (static shapes): start near the known answer (192 fits, 65 GiB;
     # itpn-memory predicts 224 compiled, 208 eager, within 90% of 80 GB)
     bench --recipe clip_l --batch 192 --steps 3 --warmup 1 --ladder fold --max-batch --max-batch-limit 320 ;;
-  memory_ckpt)  # eager checkpointing fitted batch 384 in 33.7 GiB (itpn-memory predicts 992 compiled, 952 eager, within 90% of 80 GB)
+  memory_ckpt)  # eager checkpointing fitted batch 384 in 33.7 GiB (itpn-memory predicts 992 compiled, 944 eager, within 90% of 80 GB)
     bench --recipe clip_l --batch 384 --steps 3 --warmup 1 --ladder fold --ckpt-every 1 --max-batch \
       --max-batch-limit 1536 ;;
-  offload24)  # itpn-memory predicts batch 416 with checkpointing (72 without) within 90% of 24 GiB
+  offload24)  # itpn-memory predicts batch 408 with checkpointing (72 without) within 90% of 24 GiB
     bench --recipe clip_l --batch 32 --steps 3 --warmup 1 --ladder bf16 --ckpt-every 1 --zero zero3_offload \
       --memory-gib 24 --max-batch --max-batch-limit 512
     # compiled blocks under ZeRO-3 (one gathering hook per block since 2026-12-07), at batch 32
