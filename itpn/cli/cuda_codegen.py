@@ -182,9 +182,11 @@ def lower_for_cuda(graph: torch.fx.GraphModule, example_inputs, kernels: dict | 
 
 
 def _empty_outputs(graph: torch.fx.GraphModule):
-    """A stand-in for ``graph`` that returns uninitialised tensors of its outputs' shapes."""
+    """A stand-in for ``graph`` that returns uninitialised tensors of its outputs' shapes (an
+    ATen graph's ``val`` or a dynamo graph's ``example_value``)."""
     (outputs,) = [node.args[0] for node in graph.graph.nodes if node.op == "output"]
-    metas = [node.meta.get("val") if isinstance(node, torch.fx.Node) else node for node in outputs]
+    metas = [node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else node
+             for node in outputs]
 
     def run(*args):
         return tuple(torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=m.device)

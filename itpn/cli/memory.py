@@ -78,7 +78,7 @@ from ..layers import Block
 from ..layers.attention import attention_impl
 from ..objectives.pixel_mim import PixelMIM
 from .bench import RECIPES, largest_batch, load_recipe, make_batch
-from .cuda_codegen import patched
+from .cuda_codegen import _empty_outputs, patched
 from .roofline import efficient_attention
 
 GIB = 2 ** 30
@@ -245,9 +245,9 @@ class FusedGraph(torch.fx.Interpreter):
     the results inductor would fuse away (not in ``materialised``) left out of the active
     ``LiveBytes``: what the compiled kernels would allocate, without compiling them."""
 
-    def __init__(self, module: torch.fx.GraphModule):
+    def __init__(self, module: torch.fx.GraphModule, keep: set | None = None):
         super().__init__(module, garbage_collect_values=True)
-        self.keep = materialised(module.graph)
+        self.keep = materialised(module.graph) if keep is None else keep
 
     def run_node(self, n):
         live = LiveBytes.active
@@ -259,9 +259,12 @@ class FusedGraph(torch.fx.Interpreter):
 
 def _fused_graph(graph: torch.fx.GraphModule, example_inputs, **kwargs):
     """An ``inner_compile`` for inductor's ``compile_fx``: the graph, run by ``FusedGraph``
-    (boxed: the argument list is cleared, so the inputs can be freed as the graph goes)."""
+    (boxed: the argument list is cleared, so the inputs can be freed as the graph goes). What
+    is written out is decided once per graph, not at every run."""
+    keep = materialised(graph.graph)
+
     def run(args):
-        return FusedGraph(graph).boxed_run(args)
+        return FusedGraph(graph, keep).boxed_run(args)
     run._boxed_call = True
     return run
 
@@ -563,15 +566,11 @@ def _capture(out: dict):
     def backend(graph, example_inputs):
         sources = [node.meta["grapharg"].source.name for node in graph.graph.nodes if node.op == "placeholder"]
         (outputs,) = [node.args[0] for node in graph.graph.nodes if node.op == "output"]
-        metas = [node.meta["example_value"] for node in outputs]
         with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False), \
                 inductor_config.patch(fx_graph_cache=False):
             out["fn"] = compile_fx(graph, example_inputs, inner_compile=_fused_graph)
-        out["sources"], out["outputs"] = sources, len(metas)
-
-        def stand_in(*args):
-            return tuple(torch.empty_strided(m.shape, m.stride(), dtype=m.dtype) for m in metas)
-        return stand_in
+        out["sources"], out["outputs"] = sources, len(outputs)
+        return _empty_outputs(graph)
     return backend
 
 
