@@ -64,7 +64,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..layers import attention_impl
-from ..layers.block import dynamo_counts
+from ..layers.block import check_activation_memory_budget, dynamo_counts, set_activation_memory_budget
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
                             pretrain_loader)
 from ..engine.config import DTYPES, PRECISION_FRAGMENTS, load_config
@@ -582,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="for each setting, search the largest batch that fits (doubling from --batch, then "
                              "bisecting to a multiple of 8) and time it")
     parser.add_argument("--max-batch-limit", type=int, default=4096)
+    parser.add_argument("--activation-memory-budget", type=float, metavar="B",
+                        help="settings with compiled blocks: inductor's partitioner keeps at most B (in [0, 1]) of the "
+                             "activation bytes it keeps by default and recomputes the rest in the backward (the "
+                             "trainer's deepspeed.activation_memory_budget; rows are labelled +budgetB)")
     parser.add_argument("--check-syncs", action="store_true",
                         help="after timing, count the host-device synchronisations of one more step (host reads of "
                              "tensor values; on CUDA also CUDA's sync debug mode) and print where they happen")
@@ -590,6 +594,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ds-precision applies to the DeepSpeed step: give --zero too")
     if args.deepspeed_loops and not args.zero:
         parser.error("--deepspeed-loops applies to the DeepSpeed step: give --zero too")
+    if args.activation_memory_budget is not None:
+        try:
+            set_activation_memory_budget(check_activation_memory_budget(args.activation_memory_budget,
+                                                                        "--activation-memory-budget"))
+        except ValueError as e:
+            parser.error(str(e))
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.memory_gib:
@@ -638,6 +648,8 @@ def run_training(args, device, peak: float, emit=lambda row: None) -> list[dict]
     def measure(name, batch, loader=None, steps=args.steps, split=True, profile=None, contain=True):
         warm = args.warmup + (3 if LADDER[name]["compile"] else 0)
         label = name + suffix + ("+data" if loader is not None else "")
+        if LADDER[name]["compile"] and args.activation_memory_budget is not None:
+            label += f"+budget{args.activation_memory_budget:g}"
         try:
             r = run_setting(cfg, label, LADDER[name], batch, steps, warm, device, split=split, profile=profile,
                             ckpt_every=args.ckpt_every, loader=loader, zero=args.zero, ds_precision=args.ds_precision,

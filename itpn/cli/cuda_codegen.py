@@ -181,6 +181,29 @@ def lower_for_cuda(graph: torch.fx.GraphModule, example_inputs, kernels: dict | 
         return [(node, 4 * n) for node, n in metrics.nodes_num_elem[start:]]
 
 
+#: Forward-only compute-bound ops: in a partitioned backward graph, each is a recomputation
+#: (a Linear's backward is two ``mm`` and a sum; attention's is its own backward op).
+FORWARD_ONLY_OPS = ("aten.addmm.default", "aten._scaled_dot_product_efficient_attention.default",
+                    "aten._scaled_dot_product_flash_attention.default",
+                    "aten._scaled_dot_product_cudnn_attention.default", "itpn.bias_attention.default",
+                    "itpn.fc1_gelu.default", "itpn.fused_mlp.default")
+
+
+class RecomputedHeavyOps(ValueError):
+    """A compiled backward recomputes GEMMs or attention, whose FLOPs a count of the eager
+    step's leaves out."""
+
+
+def recomputed_heavy_ops(backward: torch.fx.GraphModule) -> dict[str, int]:
+    """The GEMMs and attention forwards that a partitioned backward graph recomputes (what
+    inductor's partitioner does under an activation memory budget below about 0.6), by op."""
+    counts: dict[str, int] = {}
+    for node in backward.graph.nodes:
+        if node.op == "call_function" and str(node.target) in FORWARD_ONLY_OPS:
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
 def _empty_outputs(graph: torch.fx.GraphModule):
     """A stand-in for ``graph`` that returns uninitialised tensors of its outputs' shapes (an
     ATen graph's ``val`` or a dynamo graph's ``example_value``)."""
@@ -198,12 +221,20 @@ def cuda_backend(record: list, kernels: dict | None = None, execute: bool = True
     """A dynamo backend that appends, per compiled graph (forward, then backward), inductor's
     CUDA scheduler nodes with their bytes to ``record``, and runs the graph uncompiled on the
     CPU (``execute``) or returns uninitialised outputs of the right shapes (for counting at a
-    batch the CPU need not compute). Bytes are counted inside ``counting_bytes()`` only."""
+    batch the CPU need not compute). Bytes are counted inside ``counting_bytes()`` only. A
+    backward graph that recomputes GEMMs or attention (an activation memory budget below about
+    0.6) raises ``RecomputedHeavyOps``: the roofline counts those from the eager step, once."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     def inner(graph, example_inputs, **kwargs):
+        if kwargs.get("is_backward") and (ops := recomputed_heavy_ops(graph)):
+            budget = functorch_config.activation_memory_budget
+            raise RecomputedHeavyOps(
+                f"at activation memory budget {budget:g} a compiled backward recomputes "
+                + ", ".join(f"{n} x {op}" for op, n in sorted(ops.items()))
+                + ": FLOPs this count takes from the eager step once; use a budget of 0.6 or above")
         record.append(lower_for_cuda(graph, example_inputs, kernels, **kwargs))
         return graph.forward if execute else _empty_outputs(graph)
 

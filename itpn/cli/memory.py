@@ -41,6 +41,10 @@ fuse into its kernels (pointwise chains that no GEMM, attention or other library
 ``materialised``) are not counted. Dynamo does not trace under a Python dispatch mode such as
 ``LiveBytes``, hence the compile first, on real uninitialised inputs of the recipe's shapes,
 with a backend that computes nothing. The teacher's blocks stay eager, as ``fold`` runs them.
+``--activation-memory-budget B`` compiles them under the trainer's
+``deepspeed.activation_memory_budget``: the partitioner saves less and its backward graphs
+recompute the rest, which the simulation runs; the GEMMs and attention forwards they
+recompute are listed (none for iTPN's blocks at budgets of 0.6 and above).
 
 Not modelled: the CUDA context and the caching allocator's fragmentation (neither is in
 ``torch.cuda.max_memory_allocated``, which ``itpn-bench`` reports, but both take memory that
@@ -52,7 +56,8 @@ what is not modelled.
 
     itpn-memory --recipe clip_l --batch 128 [--engine plain|zero1|zero3_offload]
                 [--precision autocast|fp16|fp32|bf16] [--ckpt-every N] [--attention sdpa|naive]
-                [--no-fold] [--compiled] [--world W] [--budget-gib G [--headroom F] [--granularity N]]
+                [--no-fold] [--compiled [--activation-memory-budget B]] [--world W]
+                [--budget-gib G [--headroom F] [--granularity N]]
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ import gc
 import math
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -75,10 +80,11 @@ from torch.utils._pytree import tree_leaves
 from ..engine.build import apply_block_options, build_objective, build_teacher
 from ..engine.config import load_ds_fragments
 from ..layers import Block
+from ..layers.block import check_activation_memory_budget, set_activation_memory_budget
 from ..layers.attention import attention_impl
 from ..objectives.pixel_mim import PixelMIM
 from .bench import RECIPES, largest_batch, load_recipe, make_batch
-from .cuda_codegen import _empty_outputs, patched
+from .cuda_codegen import _empty_outputs, patched, recomputed_heavy_ops
 from .roofline import efficient_attention
 
 GIB = 2 ** 30
@@ -309,6 +315,9 @@ class Step:
     grads: int
     correction: int
     static: dict
+    #: compiled blocks: the GEMMs and attention forwards their backward graphs recompute in
+    #: one step, by op (an activation memory budget below about 0.6 makes them)
+    recomputed: dict = field(default_factory=dict)
 
     @property
     def peak(self) -> int:
@@ -459,11 +468,14 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
     dtype, autocast = DTYPES[precision], engine == "plain" and precision != "fp32"
     tower = teacher.tower if teacher is not None else None
     run = functools.partial(_run, cfg, student, teacher, batch, engine, dtype, autocast, attention, fake)
-    forwards, eager_forward_live = [], None
+    forwards, eager_forward_live, recomputed = [], None, {}
     if compiled:
         calls = {}
         _, eager_forward_live, _, _ = run(backward=False, record=calls)
         forwards = compiled_block_forwards(calls, dtype, autocast, attention, graphs)
+        for _, _, forward in forwards:
+            for op, n in forward.recomputed.items():
+                recomputed[op] = recomputed.get(op, 0) + n
     live, forward_live, grads, targets = run(forwards=forwards)
     correction = 0
     if autocast and cuda_policy:
@@ -473,7 +485,8 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
         except (RuntimeError, AssertionError) as e:
             warnings.warn(f"itpn-memory: no fake CUDA tensors here ({e}); the peak is the CPU autocast "
                           "policy's, without the correction for CUDA's", stacklevel=2)
-    return Step(batch, live.peak, forward_live, grads, correction, static_bytes(engine, student, tower, world))
+    return Step(batch, live.peak, forward_live, grads, correction, static_bytes(engine, student, tower, world),
+                recomputed)
 
 
 def _run(cfg, student, teacher, batch: int, engine: str, dtype, autocast: bool, attention: str, fake: bool,
@@ -563,12 +576,17 @@ def _capture(out: dict):
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
+    def inner(graph, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            out["recomputed"] = recomputed_heavy_ops(graph)
+        return _fused_graph(graph, example_inputs, **kwargs)
+
     def backend(graph, example_inputs):
         sources = [node.meta["grapharg"].source.name for node in graph.graph.nodes if node.op == "placeholder"]
         (outputs,) = [node.args[0] for node in graph.graph.nodes if node.op == "output"]
         with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False), \
                 inductor_config.patch(fx_graph_cache=False):
-            out["fn"] = compile_fx(graph, example_inputs, inner_compile=_fused_graph)
+            out["fn"] = compile_fx(graph, example_inputs, inner_compile=inner)
         out["sources"], out["outputs"] = sources, len(outputs)
         return _empty_outputs(graph)
     return backend
@@ -592,6 +610,7 @@ def _compiled_forward(captured: dict):
                 raise RuntimeError(f"itpn-memory: a compiled block's graph input {source} is not one of "
                                    f"the block's arguments or attributes ({e})") from None
         return fn(*args)[0]
+    forward.recomputed = captured.get("recomputed", {})
     return forward
 
 
@@ -603,11 +622,12 @@ def compiled_block_forwards(calls: dict, dtype, autocast: bool, attention: str, 
     Compiled on the CPU with real, uninitialised inputs under the simulation's autocast,
     CUDA policy and attention (dynamo does not trace under the simulation's dispatch modes).
     ``graphs``: a cache of the compiled graphs by signature, filled here."""
+    import torch._functorch.config as functorch_config
     graphs = {} if graphs is None else graphs
     patches = []
     with cuda_autocast_policy(), _attention(attention), _autocast("cpu", dtype, autocast):
         for entry in calls.values():
-            key = (entry["key"], dtype, autocast, attention)
+            key = (entry["key"], dtype, autocast, attention, functorch_config.activation_memory_budget)
             if key not in graphs:
                 shape, stride, xdtype, grad = entry["x"]
                 x = torch.empty_strided(shape, stride, dtype=xdtype).requires_grad_(grad)
@@ -673,6 +693,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-fold", action="store_true", help="layer scale as a separate multiply (the reference's form)")
     p.add_argument("--compiled", action="store_true",
                    help="blocks as the trainer compiles them (inductor's saved tensors and fused intermediates)")
+    p.add_argument("--activation-memory-budget", type=float, default=None, metavar="B",
+                   help="with --compiled: inductor's partitioner keeps at most B (in [0, 1]) of the activation "
+                        "bytes it keeps by default and recomputes the rest (the trainer's "
+                        "deepspeed.activation_memory_budget; default: torch's, 1.0)")
     p.add_argument("--world", type=int, default=1, help="ranks the ZeRO partitions are split over")
     p.add_argument("--budget-gib", type=float, help="also search the largest batch whose peak fits in this many GiB")
     p.add_argument("--headroom", type=float, default=0.10,
@@ -690,6 +714,14 @@ def main(argv=None) -> int:
                                ("--max-batch", args.max_batch, 1), ("--ckpt-every", args.ckpt_every, 0)):
         if value < least:
             p.error(f"{flag} must be at least {least}, got {value}")
+    if args.activation_memory_budget is not None:
+        if not args.compiled:
+            p.error("--activation-memory-budget needs --compiled (it decides what compiled blocks save)")
+        try:
+            set_activation_memory_budget(check_activation_memory_budget(args.activation_memory_budget,
+                                                                        "--activation-memory-budget"))
+        except ValueError as e:
+            p.error(str(e))
     precision = args.precision or ("autocast" if args.engine == "plain" else "bf16")
     try:
         built = build(args.recipe, args.engine, precision, args.ckpt_every, not args.no_fold)
@@ -710,6 +742,11 @@ def main(argv=None) -> int:
     first = seen[args.batch[0]]
     for name, n in first.static.items():
         print(f"#   static: {name} {n / GIB:.2f} GiB")
+    if args.compiled:
+        import torch._functorch.config as functorch_config
+        ops = ", ".join(f"{n} x {op}" for op, n in sorted(first.recomputed.items())) or "none"
+        print(f"#   activation memory budget {functorch_config.activation_memory_budget:g}; "
+              f"GEMMs and attention forwards recomputed in the backward per step: {ops}")
     if args.budget_gib:
         budget = args.budget_gib * (1 - args.headroom) * GIB
 

@@ -56,10 +56,10 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
 from itpn.cli.bench import RECIPES, load_recipe, make_batch
-from itpn.cli.cuda_codegen import counting_bytes, cuda_backend, patched
+from itpn.cli.cuda_codegen import RecomputedHeavyOps, counting_bytes, cuda_backend, patched
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.layers import Block, attention_impl
-from itpn.layers.block import COMPILE_REGIONS
+from itpn.layers.block import COMPILE_REGIONS, check_activation_memory_budget, set_activation_memory_budget
 from itpn.layers import bias_attention as bias_attention_module
 from itpn.layers import fused_mlp as fused_mlp_module
 from itpn.objectives.clip_teacher import CLIPTeacher, target_width, teacher_forward_flops
@@ -663,6 +663,15 @@ def print_ceilings(args, student_ms: float, opt_ms: float, student_flops: float,
     return out
 
 
+def _recompute_error(e: BaseException) -> RecomputedHeavyOps | None:
+    """The ``RecomputedHeavyOps`` behind ``e`` (dynamo wraps a backend's exception), if any."""
+    while e is not None:
+        if isinstance(e, RecomputedHeavyOps):
+            return e
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="clip_l")
@@ -691,7 +700,19 @@ def main(argv=None) -> None:
     p.add_argument("--teacher", action="store_true",
                    help="also count the CLIP teacher's non-GEMM bytes per step, eager against its blocks "
                         "compiled (teacher.compile, inductor's GPU kernels), and the step's ceilings with them")
+    p.add_argument("--activation-memory-budget", type=float, metavar="B",
+                   help="with --compiled or --whole (CUDA kernels): compile under this activation memory budget "
+                        "(the trainer's deepspeed.activation_memory_budget), so the backward's kernels include "
+                        "what the partitioner recomputes")
     args = p.parse_args(argv)
+    if args.activation_memory_budget is not None:
+        if not (args.compiled or args.whole) or args.codegen != "cuda":
+            p.error("--activation-memory-budget needs --compiled or --whole with --codegen cuda")
+        try:
+            set_activation_memory_budget(check_activation_memory_budget(args.activation_memory_budget,
+                                                                        "--activation-memory-budget"))
+        except ValueError as e:
+            p.error(str(e))
     peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12
     teacher_traffic = {}  # "eager" / "compiled" -> ms of the teacher blocks' non-GEMM traffic
     if args.teacher:
@@ -710,7 +731,12 @@ def main(argv=None) -> None:
         return
     compiled = None
     if args.whole:
-        nbytes, graphs = whole_objective_bytes(args.recipe, args.batch, args.attention, args.mlp)
+        try:
+            nbytes, graphs = whole_objective_bytes(args.recipe, args.batch, args.attention, args.mlp)
+        except Exception as e:
+            if (recompute := _recompute_error(e)) is None:
+                raise
+            p.error(str(recompute))
         compiled = {info["root"]: nbytes}
         print(f"{info['root']} compiled whole (inductor, CUDA kernels, {graphs} graphs with the backward's): "
               f"{nbytes / 1e9:.1f} GB of non-GEMM traffic, {nbytes / args.batch / 1e6:.2f} MB per image")
@@ -723,6 +749,8 @@ def main(argv=None) -> None:
         try:
             per_image = compiled_block_bytes(calls, args.attention, args.mlp, args.codegen, args.batch, args.regions)
         except Exception as e:  # inductor internals moved (itpn/cli/cuda_codegen.py): say so, count the CPU's
+            if (recompute := _recompute_error(e)) is not None:
+                p.error(str(recompute))
             if args.codegen != "cuda":
                 raise
             print(f"inductor's CUDA code generation without a GPU failed ({type(e).__name__}: {e}); "

@@ -98,15 +98,22 @@ def build_val_loader(cfg: dict, rank: int, world: int, device: torch.device):
 
 def apply_block_options(module: torch.nn.Module, every: int, enable_ckpt: bool, compile_blocks: bool,
                         compile_options: dict | None = None, fold_layer_scale: bool = True,
-                        fp8: bool = False, fused_mlp: bool = False, compile_regions: str = "block") -> int:
+                        fp8: bool = False, fused_mlp: bool = False, compile_regions: str = "block",
+                        activation_memory_budget: float | None = None) -> int:
     """Activation checkpointing on every ``every``-th block and/or torch.compile per block
     (``Block.compile``: the checkpoint wrapper stays outside the compiled region); layer scale
     folded into the branches' output Linears or not (``Block.fold_layer_scale``); FP8 matmuls
     in the four Linears of every transformer block (``ScaledLinear.fp8``; the C-MLP blocks of
     stages 1-2 and the pyramid, narrow and memory-bound, stay bf16); GELU fused into the GEMMs
     of every MLP (``Mlp.fused``, fused_mlp.py); ``compile_regions``: one compiled region per
-    block or per residual branch (``Block.compile``). Returns how many blocks are checkpointed."""
+    block or per residual branch (``Block.compile``); ``activation_memory_budget``: with
+    ``compile_blocks``, what the compiled blocks save for the backward
+    (``set_activation_memory_budget``, process-wide; None leaves torch's setting). Returns how
+    many blocks are checkpointed."""
     from ..layers import Block, Mlp, ScaledLinear
+    from ..layers.block import set_activation_memory_budget
+    if compile_blocks and activation_memory_budget is not None:
+        set_activation_memory_budget(activation_memory_budget)
     for m in module.modules():
         if isinstance(m, Mlp):
             m.fused = fused_mlp

@@ -69,6 +69,17 @@ def _check_compile_regions(value) -> None:
         raise ConfigError(f"deepspeed.compile_regions must be {' or '.join(COMPILE_REGIONS)}, got {value!r}")
 
 
+def _check_activation_memory_budget(ds: dict) -> None:
+    from ..layers.block import check_activation_memory_budget
+    try:
+        budget = check_activation_memory_budget(ds["activation_memory_budget"], "deepspeed.activation_memory_budget")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if budget < 1 and not ds["compile"]:
+        raise ConfigError(f"deepspeed.activation_memory_budget={budget:g} decides what compiled blocks save: "
+                          "it needs deepspeed.compile=true (or use deepspeed.activation_checkpointing)")
+
+
 def _check_zero3_linear(cfg: dict, ds: dict) -> None:
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") == 3 and cfg["deepspeed"]["compile"] and zero.get("memory_efficient_linear", True):
@@ -89,6 +100,7 @@ def preflight(cfg: dict, world_size: int) -> dict:
     _check_attention(cfg["deepspeed"]["attention"])
     _check_fused_mlp(cfg["deepspeed"]["fused_mlp"])
     _check_compile_regions(cfg["deepspeed"]["compile_regions"])
+    _check_activation_memory_budget(cfg["deepspeed"])
     _check_zero3_linear(cfg, ds)
     if cfg["task"] != "eval":
         _check_shards(cfg["data"]["train"], "data.train")

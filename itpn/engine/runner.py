@@ -454,7 +454,8 @@ def _block_options(model: torch.nn.Module, cfg: dict, device, dtype: torch.dtype
     from ..layers import Mlp
     ds = cfg["deepspeed"]
     n_ckpt = apply_block_options(model, ds["checkpoint_every"], ds["activation_checkpointing"], ds["compile"],
-                                 fp8=ds["fp8"], fused_mlp=ds["fused_mlp"], compile_regions=ds["compile_regions"])
+                                 fp8=ds["fp8"], fused_mlp=ds["fused_mlp"], compile_regions=ds["compile_regions"],
+                                 activation_memory_budget=ds["activation_memory_budget"] if ds["compile"] else None)
     if not ds["fused_mlp"]:
         return n_ckpt
     mlps = [(name, m) for name, m in model.named_modules() if isinstance(m, Mlp)]
@@ -501,9 +502,11 @@ def run_pretrain(cfg: dict) -> TrainState:
     state = _resume(engine, ckpt, cfg, world, loader, TrainState(), ema, total_batch)
     metrics = MetricLogger(run_dir, rank, cfg["log"]["tensorboard"])
     flops = _pretrain_flops(cfg, teacher)
-    log.info("pre-training %s (%s, %d params) on %d ranks, %s, ZeRO-%d, %d checkpointed blocks; %d steps of %d "
+    ds = cfg["deepspeed"]
+    compiled = f", compiled blocks (activation memory budget {ds['activation_memory_budget']:g})" if ds["compile"] else ""
+    log.info("pre-training %s (%s, %d params) on %d ranks, %s, ZeRO-%d, %d checkpointed blocks%s; %d steps of %d "
              "samples (%d per epoch)", cfg["objective"]["kind"], cfg["model"]["variant"],
-             n_params, world, prec, engine.zero_optimization_stage(), n_ckpt,
+             n_params, world, prec, engine.zero_optimization_stage(), n_ckpt, compiled,
              total_steps, total_batch, samples_per_epoch)
 
     last: dict = {}

@@ -127,6 +127,29 @@ def _two_regions(attention_residual, mlp_residual):
     return forward
 
 
+def check_activation_memory_budget(budget, name: str = "activation memory budget") -> float:
+    """``budget`` as a float in [0, 1], or a ValueError that names ``name`` and the value."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {budget!r}")
+    return float(budget)
+
+
+def set_activation_memory_budget(budget: float) -> float:
+    """What the compiled blocks save for the backward: inductor's partitioner keeps at most
+    ``budget`` times the activation bytes it keeps by default (1.0) and recomputes the rest in
+    the backward (``torch._functorch.config.activation_memory_budget``), cheapest first. For an
+    iTPN-L stage-3 block in bf16, any budget in [0.6, 0.95] recomputes the two LayerNorms'
+    outputs and GELU's, 39% less saved per step and no GEMM or attention recomputed; lower
+    budgets recompute attention and GEMMs too (docs/performance.md, "Selective recompute").
+    Process-wide and read when a block is compiled (at its first call), like dynamo's recompile
+    limit: set it before the first step. Returns the previous value."""
+    import torch._functorch.config as functorch_config
+    budget = check_activation_memory_budget(budget)
+    previous = functorch_config.activation_memory_budget
+    functorch_config.activation_memory_budget = budget
+    return previous
+
+
 def dynamo_counts() -> dict[str, int]:
     """What dynamo has made since its counters were last cleared
     (``torch._dynamo.utils.counters.clear()``): "dynamo_graphs", the graphs it compiled (a
