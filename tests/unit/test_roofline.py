@@ -328,3 +328,38 @@ def test_teacher_block_bytes_eager_is_the_hand_count(monkeypatch):
     assert unfolded["eager"] - b["eager"] == 5 * 2 * M * hidden
     # compiling fuses the unfolded QuickGELU's kernels; with the fold there is little left to fuse
     assert unfolded["compiled"] < 0.7 * unfolded["eager"] and b["compiled"] < 1.1 * b["eager"]
+
+
+@pytest.fixture
+def memory_budget_restored():
+    import torch._functorch.config as functorch_config
+    before = functorch_config.activation_memory_budget
+    yield
+    functorch_config.activation_memory_budget = before
+
+
+def test_an_activation_memory_budget_adds_the_recomputation_and_refuses_recomputed_gemms(memory_budget_restored):
+    """Below 1, the partitioner recomputes LayerNorm and GELU outputs in the backward: more
+    traffic in the compiled backward's kernels (what the step's ceiling pays for the memory).
+    Far below, it recomputes GEMMs and attention too, whose FLOPs the roofline takes from the
+    eager step once: it refuses to count that."""
+    from itpn.cli.cuda_codegen import RecomputedHeavyOps
+    from itpn.cli.roofline import _recompute_error
+    from itpn.layers.block import set_activation_memory_budget
+    with torch.device("meta"):
+        block = Block(64, 2, 4.0, drop_path=0.1, layer_scale=0.1, rel_pos_grid=4).to(torch.bfloat16).train()
+    args = (torch.empty(2, 16, 64, device="meta", dtype=torch.bfloat16), relative_position_index(4, device="meta"),
+            (4, 4))
+    sig = _signature(block, args)
+    counted = {}
+    for budget in (1.0, 0.9):
+        set_activation_memory_budget(budget)
+        counted[budget] = compiled_block_bytes({sig: (block, args)}, batch=16)[sig]
+    assert counted[0.9] > counted[1.0]
+    set_activation_memory_budget(0.1)
+    with pytest.raises(Exception) as raised:
+        compiled_block_bytes({sig: (block, args)}, batch=16)
+    refusal = _recompute_error(raised.value)
+    assert isinstance(refusal, RecomputedHeavyOps), raised.value
+    assert "at activation memory budget 0.1 a compiled backward recomputes" in str(refusal)
+    assert "x aten.addmm.default" in str(refusal)
