@@ -23,6 +23,7 @@
 #   benchmarks/gpu_suite.sh memory    largest batch without activation checkpointing (compiled)
 #   benchmarks/gpu_suite.sh memory_ckpt  ... with checkpointing on every block (compiled)
 #   benchmarks/gpu_suite.sh offload24 ZeRO-3 + CPU offload (+ checkpointing) under a 24 GiB cap
+#   benchmarks/gpu_suite.sh recompute  the ZeRO-1 step with deepspeed.activation_memory_budget 0.9 against 1.0, and its largest batch
 #   benchmarks/gpu_suite.sh loader    the step fed by the real loader (ImageNet-like JPEG shards
 #                                     made on the spot), and the loader alone
 #   benchmarks/gpu_suite.sh clip_b    the ladder for iTPN-B + CLIP-B/16
@@ -135,6 +136,14 @@ case "${1:?part: first | second | third | fourth | fifth | teacher | check | cli
     # compiled blocks under ZeRO-3 (one gathering hook per block since 2026-12-07), at batch 32
     bench --recipe clip_l --batch 32 --steps 3 --warmup 1 --ladder fold --ckpt-every 1 --zero zero3_offload \
       --memory-gib 24 ;;
+  recompute)  # 2026-12-08: deepspeed.activation_memory_budget 0.9 (LayerNorm and GELU outputs recomputed
+    # in the backward): the trainer's ZeRO-1 step with and without it, in one process each (the budget
+    # is process-wide). itpn-memory predicts 41.84 -> 28.40 GiB at batch 128, itpn-roofline a 2.9% lower
+    # ceiling (866 -> 841 img/s); then the largest batch with it (~10 minutes: run(carry=[".whl"], ...))
+    limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1
+    limited 120 bench --recipe clip_l --batch 128 --steps 10 --ladder fold --zero zero1 --activation-memory-budget 0.9
+    limited 300 bench --recipe clip_l --batch 320 --steps 3 --warmup 1 --ladder fold --zero zero1 \
+      --activation-memory-budget 0.9 --max-batch --max-batch-limit 512 ;;
   loader)
     data=${DATA:-/tmp/itpn_bench_shards}
     if [ ! -f "$data/train/manifest.json" ]; then

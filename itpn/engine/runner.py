@@ -503,7 +503,9 @@ def run_pretrain(cfg: dict) -> TrainState:
     metrics = MetricLogger(run_dir, rank, cfg["log"]["tensorboard"])
     flops = _pretrain_flops(cfg, teacher)
     ds = cfg["deepspeed"]
-    compiled = f", compiled blocks (activation memory budget {ds['activation_memory_budget']:g})" if ds["compile"] else ""
+    compiled = ""
+    if ds["compile"]:
+        compiled = f", compiled blocks (activation memory budget {ds['activation_memory_budget']:g})"
     log.info("pre-training %s (%s, %d params) on %d ranks, %s, ZeRO-%d, %d checkpointed blocks%s; %d steps of %d "
              "samples (%d per epoch)", cfg["objective"]["kind"], cfg["model"]["variant"],
              n_params, world, prec, engine.zero_optimization_stage(), n_ckpt, compiled,

@@ -141,7 +141,8 @@ def test_cli_finds_the_largest_batch_in_a_budget(capsys):
     (["--granularity", "0"], "--granularity must be at least 1, got 0"),
     (["--ckpt-every", "-1"], "--ckpt-every must be at least 0, got -1"),
     (["--activation-memory-budget", "0.9"], "--activation-memory-budget needs --compiled"),
-    (["--compiled", "--activation-memory-budget", "2"], "--activation-memory-budget must be a number in [0, 1], got 2.0"),
+    (["--compiled", "--activation-memory-budget", "2"],
+     "--activation-memory-budget must be a number in [0, 1], got 2.0"),
 ])
 def test_cli_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
