@@ -64,7 +64,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..layers import attention_impl
-from ..layers.block import check_activation_memory_budget, dynamo_counts, set_activation_memory_budget
+from ..layers.block import dynamo_counts, set_activation_memory_budget
 from ..engine.build import (apply_block_options, backbone_config, build_objective, build_teacher, compile_whole,
                             pretrain_loader)
 from ..engine.config import DTYPES, PRECISION_FRAGMENTS, load_config
@@ -596,8 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--deepspeed-loops applies to the DeepSpeed step: give --zero too")
     if args.activation_memory_budget is not None:
         try:
-            set_activation_memory_budget(check_activation_memory_budget(args.activation_memory_budget,
-                                                                        "--activation-memory-budget"))
+            set_activation_memory_budget(args.activation_memory_budget, "--activation-memory-budget")
         except ValueError as e:
             parser.error(str(e))
     device = torch.device(args.device)

@@ -80,7 +80,7 @@ from torch.utils._pytree import tree_leaves
 from ..engine.build import apply_block_options, build_objective, build_teacher
 from ..engine.config import load_ds_fragments
 from ..layers import Block
-from ..layers.block import check_activation_memory_budget, set_activation_memory_budget
+from ..layers.block import set_activation_memory_budget
 from ..layers.attention import attention_impl
 from ..objectives.pixel_mim import PixelMIM
 from .bench import RECIPES, largest_batch, load_recipe, make_batch
@@ -718,8 +718,7 @@ def main(argv=None) -> int:
         if not args.compiled:
             p.error("--activation-memory-budget needs --compiled (it decides what compiled blocks save)")
         try:
-            set_activation_memory_budget(check_activation_memory_budget(args.activation_memory_budget,
-                                                                        "--activation-memory-budget"))
+            set_activation_memory_budget(args.activation_memory_budget, "--activation-memory-budget")
         except ValueError as e:
             p.error(str(e))
     precision = args.precision or ("autocast" if args.engine == "plain" else "bf16")

@@ -59,7 +59,7 @@ from itpn.cli.bench import RECIPES, load_recipe, make_batch
 from itpn.cli.cuda_codegen import RecomputedHeavyOps, counting_bytes, cuda_backend, patched
 from itpn.engine.build import apply_block_options, build_objective
 from itpn.layers import Block, attention_impl
-from itpn.layers.block import COMPILE_REGIONS, check_activation_memory_budget, set_activation_memory_budget
+from itpn.layers.block import COMPILE_REGIONS, set_activation_memory_budget
 from itpn.layers import bias_attention as bias_attention_module
 from itpn.layers import fused_mlp as fused_mlp_module
 from itpn.objectives.clip_teacher import CLIPTeacher, target_width, teacher_forward_flops
@@ -709,8 +709,7 @@ def main(argv=None) -> None:
         if not (args.compiled or args.whole) or args.codegen != "cuda":
             p.error("--activation-memory-budget needs --compiled or --whole with --codegen cuda")
         try:
-            set_activation_memory_budget(check_activation_memory_budget(args.activation_memory_budget,
-                                                                        "--activation-memory-budget"))
+            set_activation_memory_budget(args.activation_memory_budget, "--activation-memory-budget")
         except ValueError as e:
             p.error(str(e))
     peak, bandwidth = args.peak * 1e12, args.bandwidth * 1e12

@@ -134,7 +134,7 @@ def check_activation_memory_budget(budget, name: str = "activation memory budget
     return float(budget)
 
 
-def set_activation_memory_budget(budget: float) -> float:
+def set_activation_memory_budget(budget: float, name: str = "activation memory budget") -> float:
     """What the compiled blocks save for the backward: inductor's partitioner keeps at most
     ``budget`` times the activation bytes it keeps by default (1.0) and recomputes the rest in
     the backward (``torch._functorch.config.activation_memory_budget``), cheapest first. For an
@@ -142,9 +142,10 @@ def set_activation_memory_budget(budget: float) -> float:
     outputs and GELU's, 39% less saved per step and no GEMM or attention recomputed; lower
     budgets recompute attention and GEMMs too (docs/performance.md, "Selective recompute").
     Process-wide and read when a block is compiled (at its first call), like dynamo's recompile
-    limit: set it before the first step. Returns the previous value."""
+    limit: set it before the first step. Returns the previous value; a value outside [0, 1] is
+    a ValueError that names ``name`` (the setting it came from)."""
     import torch._functorch.config as functorch_config
-    budget = check_activation_memory_budget(budget)
+    budget = check_activation_memory_budget(budget, name)
     previous = functorch_config.activation_memory_budget
     functorch_config.activation_memory_budget = budget
     return previous
