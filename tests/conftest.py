@@ -22,6 +22,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def memory_budget_restored():
+    """torch's activation memory budget (process-wide, set by the code under test) put back."""
+    import torch._functorch.config as functorch_config
+    before = functorch_config.activation_memory_budget
+    yield
+    functorch_config.activation_memory_budget = before
+
+
 SHM = "/dev/shm"
 DS_SHM_PREFIX = "deepspeed_allreduce_buffer_"
 

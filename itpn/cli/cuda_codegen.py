@@ -28,6 +28,7 @@ it against a hand count of a pointwise and a reduction kernel and that every pat
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -194,14 +195,16 @@ class RecomputedHeavyOps(ValueError):
     step's leaves out."""
 
 
-def recomputed_heavy_ops(backward: torch.fx.GraphModule) -> dict[str, int]:
+def recomputed_heavy_ops(backward: torch.fx.GraphModule) -> collections.Counter:
     """The GEMMs and attention forwards that a partitioned backward graph recomputes (what
     inductor's partitioner does under an activation memory budget below about 0.6), by op."""
-    counts: dict[str, int] = {}
-    for node in backward.graph.nodes:
-        if node.op == "call_function" and str(node.target) in FORWARD_ONLY_OPS:
-            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
-    return counts
+    return collections.Counter(str(node.target) for node in backward.graph.nodes
+                               if node.op == "call_function" and str(node.target) in FORWARD_ONLY_OPS)
+
+
+def format_op_counts(counts: collections.Counter) -> str:
+    """``"2 x aten.addmm.default, 1 x ..."``, by op name; "none" when empty."""
+    return ", ".join(f"{n} x {op}" for op, n in sorted(counts.items())) or "none"
 
 
 def _empty_outputs(graph: torch.fx.GraphModule):
@@ -232,9 +235,8 @@ def cuda_backend(record: list, kernels: dict | None = None, execute: bool = True
         if kwargs.get("is_backward") and (ops := recomputed_heavy_ops(graph)):
             budget = functorch_config.activation_memory_budget
             raise RecomputedHeavyOps(
-                f"at activation memory budget {budget:g} a compiled backward recomputes "
-                + ", ".join(f"{n} x {op}" for op, n in sorted(ops.items()))
-                + ": FLOPs this count takes from the eager step once; use a budget of 0.6 or above")
+                f"at activation memory budget {budget:g} a compiled backward recomputes {format_op_counts(ops)}: "
+                "FLOPs this count takes from the eager step once; use a budget of 0.6 or above")
         record.append(lower_for_cuda(graph, example_inputs, kernels, **kwargs))
         return graph.forward if execute else _empty_outputs(graph)
 

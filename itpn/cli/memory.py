@@ -63,6 +63,7 @@ what is not modelled.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import gc
@@ -84,7 +85,7 @@ from ..layers.block import set_activation_memory_budget
 from ..layers.attention import attention_impl
 from ..objectives.pixel_mim import PixelMIM
 from .bench import RECIPES, largest_batch, load_recipe, make_batch
-from .cuda_codegen import _empty_outputs, patched, recomputed_heavy_ops
+from .cuda_codegen import _empty_outputs, format_op_counts, patched, recomputed_heavy_ops
 from .roofline import efficient_attention
 
 GIB = 2 ** 30
@@ -317,7 +318,7 @@ class Step:
     static: dict
     #: compiled blocks: the GEMMs and attention forwards their backward graphs recompute in
     #: one step, by op (an activation memory budget below about 0.6 makes them)
-    recomputed: dict = field(default_factory=dict)
+    recomputed: collections.Counter = field(default_factory=collections.Counter)
 
     @property
     def peak(self) -> int:
@@ -468,14 +469,12 @@ def simulate(recipe: str, batch: int, engine: str = "plain", precision: str = "a
     dtype, autocast = DTYPES[precision], engine == "plain" and precision != "fp32"
     tower = teacher.tower if teacher is not None else None
     run = functools.partial(_run, cfg, student, teacher, batch, engine, dtype, autocast, attention, fake)
-    forwards, eager_forward_live, recomputed = [], None, {}
+    forwards, eager_forward_live = [], None
     if compiled:
         calls = {}
         _, eager_forward_live, _, _ = run(backward=False, record=calls)
         forwards = compiled_block_forwards(calls, dtype, autocast, attention, graphs)
-        for _, _, forward in forwards:
-            for op, n in forward.recomputed.items():
-                recomputed[op] = recomputed.get(op, 0) + n
+    recomputed = sum((forward.recomputed for _, _, forward in forwards), collections.Counter())
     live, forward_live, grads, targets = run(forwards=forwards)
     correction = 0
     if autocast and cuda_policy:
@@ -610,7 +609,7 @@ def _compiled_forward(captured: dict):
                 raise RuntimeError(f"itpn-memory: a compiled block's graph input {source} is not one of "
                                    f"the block's arguments or attributes ({e})") from None
         return fn(*args)[0]
-    forward.recomputed = captured.get("recomputed", {})
+    forward.recomputed = captured.get("recomputed", collections.Counter())
     return forward
 
 
@@ -743,9 +742,8 @@ def main(argv=None) -> int:
         print(f"#   static: {name} {n / GIB:.2f} GiB")
     if args.compiled:
         import torch._functorch.config as functorch_config
-        ops = ", ".join(f"{n} x {op}" for op, n in sorted(first.recomputed.items())) or "none"
         print(f"#   activation memory budget {functorch_config.activation_memory_budget:g}; "
-              f"GEMMs and attention forwards recomputed in the backward per step: {ops}")
+              f"GEMMs and attention forwards recomputed in the backward per step: {format_op_counts(first.recomputed)}")
     if args.budget_gib:
         budget = args.budget_gib * (1 - args.headroom) * GIB
 

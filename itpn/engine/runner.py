@@ -455,7 +455,7 @@ def _block_options(model: torch.nn.Module, cfg: dict, device, dtype: torch.dtype
     ds = cfg["deepspeed"]
     n_ckpt = apply_block_options(model, ds["checkpoint_every"], ds["activation_checkpointing"], ds["compile"],
                                  fp8=ds["fp8"], fused_mlp=ds["fused_mlp"], compile_regions=ds["compile_regions"],
-                                 activation_memory_budget=ds["activation_memory_budget"] if ds["compile"] else None)
+                                 activation_memory_budget=ds["activation_memory_budget"])
     if not ds["fused_mlp"]:
         return n_ckpt
     mlps = [(name, m) for name, m in model.named_modules() if isinstance(m, Mlp)]

@@ -313,17 +313,14 @@ def test_bench_teacher_has_the_recipes_activation_and_the_teacher_setting_compil
     torch._dynamo.reset()
 
 
-def test_bench_activation_memory_budget_is_set_and_labels_the_compiled_rows(monkeypatch, tmp_path, capsys):
+def test_bench_activation_memory_budget_is_set_and_labels_the_compiled_rows(monkeypatch, tmp_path, capsys,
+                                                                            memory_budget_restored):
     import torch._functorch.config as functorch_config
     monkeypatch.setitem(bench.LADDER, "fold_aot", {**bench.LADDER["fold"], "compile_options": {"backend": "aot_eager"}})
-    out, before = tmp_path / "b.jsonl", functorch_config.activation_memory_budget
-    try:
-        assert bench.main(["--recipe", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
-                           "--ladder", "fused", "fold_aot", "--activation-memory-budget", "0.9",
-                           "--json", str(out)]) == 0
-        assert functorch_config.activation_memory_budget == 0.9
-    finally:
-        functorch_config.activation_memory_budget = before
+    out = tmp_path / "b.jsonl"
+    assert bench.main(["--recipe", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                       "--ladder", "fused", "fold_aot", "--activation-memory-budget", "0.9", "--json", str(out)]) == 0
+    assert functorch_config.activation_memory_budget == 0.9
     assert [json.loads(line)["setting"] for line in out.read_text().splitlines()] == ["fused", "fold_aot+budget0.9"]
     with pytest.raises(SystemExit):
         bench.main(["--recipe", "tiny", "--activation-memory-budget", "1.5"])

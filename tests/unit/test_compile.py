@@ -232,41 +232,35 @@ def test_preflight_keeps_deepspeeds_zero3_linear_out_of_compiled_blocks(tmp_path
         preflight(cfg, 2)
 
 
-def test_activation_memory_budget_recomputes_instead_of_saving():
+def test_activation_memory_budget_recomputes_instead_of_saving(memory_budget_restored):
     """deepspeed.activation_memory_budget below 1: the compiled block saves fewer bytes for the
     backward (the partitioner recomputes the rest) and computes the same output and gradients.
     ``aot_eager_decomp_partition`` runs the partitioner inductor runs, without code generation."""
     import torch._functorch.config as functorch_config
-
-    from itpn.layers.block import set_activation_memory_budget
     torch.manual_seed(0)
     block = Block(32, num_heads=2, layer_scale=0.1, rel_pos_grid=4).train()
     index = relative_position_index(4)
     x = torch.randn(2, 16, 32, requires_grad=True)
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()} | {x.untyped_storage().data_ptr()}
-    before = functorch_config.activation_memory_budget
     runs = {}
-    try:
-        for budget in (1.0, 0.9):
-            torch._dynamo.reset()  # the budget is read when a block compiles
-            blk = copy.deepcopy(block)
-            apply_block_options(blk, 1, False, True, {"backend": "aot_eager_decomp_partition"},
-                                activation_memory_budget=budget)
-            assert functorch_config.activation_memory_budget == budget
-            saved = {}
+    for budget in (1.0, 0.9):
+        torch._dynamo.reset()  # the budget is read when a block compiles
+        blk = copy.deepcopy(block)
+        apply_block_options(blk, 1, False, True, {"backend": "aot_eager_decomp_partition"},
+                            activation_memory_budget=budget)
+        assert functorch_config.activation_memory_budget == budget
+        saved = {}
 
-            def pack(t):
-                if t.untyped_storage().data_ptr() not in weights:
-                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                y = blk(x, index, (4, 4))
-            y.square().sum().backward()
-            runs[budget] = (sum(saved.values()), y.detach(), x.grad.clone(),
-                            {n: p.grad for n, p in blk.named_parameters()})
-            x.grad = None
-    finally:
-        functorch_config.activation_memory_budget = before
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = blk(x, index, (4, 4))
+        y.square().sum().backward()
+        runs[budget] = (sum(saved.values()), y.detach(), x.grad.clone(),
+                        {n: p.grad for n, p in blk.named_parameters()})
+        x.grad = None
     (full, y1, dx1, g1), (less, y2, dx2, g2) = runs[1.0], runs[0.9]
     assert less < full
     torch.testing.assert_close(y2, y1, rtol=1e-6, atol=1e-6)
@@ -282,7 +276,8 @@ def test_activation_memory_budget_is_checked(value):
         set_activation_memory_budget(value)
 
 
-def test_the_trainer_sets_the_activation_memory_budget_and_the_preflight_names_bad_ones(tmp_path):
+def test_the_trainer_sets_the_activation_memory_budget_and_the_preflight_names_bad_ones(tmp_path,
+                                                                                       memory_budget_restored):
     import torch._functorch.config as functorch_config
 
     from itpn.engine.config import ConfigError, load_config
@@ -294,12 +289,8 @@ def test_the_trainer_sets_the_activation_memory_budget_and_the_preflight_names_b
     preflight(cfg, 1)
     model = ClipMFM(HiViTConfig(img_size=64, embed_dim=64, depths=(1, 1, 3), num_heads=2, rpe=True),
                     teacher_dim=24, fpn_dim=32, fpn_depth=1)
-    before = functorch_config.activation_memory_budget
-    try:
-        _block_options(model, cfg, torch.device("cpu"), torch.float32)
-        assert functorch_config.activation_memory_budget == 0.9
-    finally:
-        functorch_config.activation_memory_budget = before
+    _block_options(model, cfg, torch.device("cpu"), torch.float32)
+    assert functorch_config.activation_memory_budget == 0.9
     for overrides, message in ((["deepspeed.activation_memory_budget=1.5"],
                                 r"deepspeed.activation_memory_budget must be a number in \[0, 1\], got 1.5"),
                                (["deepspeed.activation_memory_budget=all"],

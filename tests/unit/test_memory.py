@@ -215,7 +215,7 @@ def test_compiled_step_fake_equals_real_and_saves_less_than_eager():
     assert fake.dynamic_peak < eager.dynamic_peak
 
 
-def test_compiled_block_saves_what_inductor_saves():
+def test_compiled_block_saves_what_inductor_saves(memory_budget_restored):
     # The tensors our capture saves for the backward are the ones torch.compile's inductor
     # saves for the same block (compiled for the CPU here: the partition is the same), at the
     # default activation memory budget and at a lower one, where both save less.
@@ -235,38 +235,30 @@ def test_compiled_block_saves_what_inductor_saves():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
             forward(block, x, None, None)
         return sorted(sizes, key=str)
-    before, found = functorch_config.activation_memory_budget, {}
-    try:
-        for budget in (1.0, 0.9):
-            functorch_config.activation_memory_budget = budget
-            torch._dynamo.reset()
-            with memory.cuda_autocast_policy(), memory._attention("naive"):  # as compiled_block_forwards compiles
-                real = saved(torch.compile(Block._forward, dynamic=False))
-            calls = {}
-            handles = memory._record_block_inputs(block, calls)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                block(x)
-            for h in handles:
-                h.remove()
-            ((_, _, forward),) = memory.compiled_block_forwards(calls, torch.bfloat16, True, "naive")
-            found[budget] = ours = saved(forward)
-            torch._dynamo.reset()
-            assert ours == real and len(ours) > 4, budget
-    finally:
-        functorch_config.activation_memory_budget = before
+    found = {}
+    for budget in (1.0, 0.9):
+        functorch_config.activation_memory_budget = budget
+        torch._dynamo.reset()
+        with memory.cuda_autocast_policy(), memory._attention("naive"):  # as compiled_block_forwards compiles
+            real = saved(torch.compile(Block._forward, dynamic=False))
+        calls = {}
+        handles = memory._record_block_inputs(block, calls)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            block(x)
+        for h in handles:
+            h.remove()
+        ((_, _, forward),) = memory.compiled_block_forwards(calls, torch.bfloat16, True, "naive")
+        found[budget] = ours = saved(forward)
+        torch._dynamo.reset()
+        assert ours == real and len(ours) > 4, budget
 
     def nbytes(sizes):
         return sum(math.prod(shape) * dtype.itemsize for shape, dtype in sizes)
     assert nbytes(found[0.9]) < nbytes(found[1.0])
 
 
-def test_cli_names_the_gemms_a_low_activation_memory_budget_recomputes(capsys):
-    import torch._functorch.config as functorch_config
-    before = functorch_config.activation_memory_budget
-    try:
-        memory.main(["--recipe", "tiny", "--batch", "4", "--compiled", "--activation-memory-budget", "0.1"])
-    finally:
-        functorch_config.activation_memory_budget = before
+def test_cli_names_the_gemms_a_low_activation_memory_budget_recomputes(capsys, memory_budget_restored):
+    memory.main(["--recipe", "tiny", "--batch", "4", "--compiled", "--activation-memory-budget", "0.1"])
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "recomputed in the backward" in x]
     assert line.startswith("#   activation memory budget 0.1; GEMMs and attention forwards recomputed in the "
                            "backward per step: ")

@@ -330,14 +330,6 @@ def test_teacher_block_bytes_eager_is_the_hand_count(monkeypatch):
     assert unfolded["compiled"] < 0.7 * unfolded["eager"] and b["compiled"] < 1.1 * b["eager"]
 
 
-@pytest.fixture
-def memory_budget_restored():
-    import torch._functorch.config as functorch_config
-    before = functorch_config.activation_memory_budget
-    yield
-    functorch_config.activation_memory_budget = before
-
-
 def test_an_activation_memory_budget_adds_the_recomputation_and_refuses_recomputed_gemms(memory_budget_restored):
     """Below 1, the partitioner recomputes LayerNorm and GELU outputs in the backward: more
     traffic in the compiled backward's kernels (what the step's ceiling pays for the memory).
