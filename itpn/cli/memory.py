@@ -44,7 +44,8 @@ with a backend that computes nothing. The teacher's blocks stay eager, as ``fold
 ``--activation-memory-budget B`` compiles them under the trainer's
 ``deepspeed.activation_memory_budget``: the partitioner saves less and its backward graphs
 recompute the rest, which the simulation runs; the GEMMs and attention forwards they
-recompute are listed (none for iTPN's blocks at budgets of 0.6 and above).
+recompute are listed (none for iTPN-L + CLIP-L's blocks at 0.6 and 0.9; at 0.9 the tiny
+recipe's recompute one GEMM).
 
 Not modelled: the CUDA context and the caching allocator's fragmentation (neither is in
 ``torch.cuda.max_memory_allocated``, which ``itpn-bench`` reports, but both take memory that
@@ -317,7 +318,7 @@ class Step:
     correction: int
     static: dict
     #: compiled blocks: the GEMMs and attention forwards their backward graphs recompute in
-    #: one step, by op (an activation memory budget below about 0.6 makes them)
+    #: one step, by op (a low activation memory budget makes them)
     recomputed: collections.Counter = field(default_factory=collections.Counter)
 
     @property
